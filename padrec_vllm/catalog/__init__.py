@@ -1,0 +1,1 @@
+"""Semantic-ID catalog: item embeddings, residual quantisation, token layout, tokenizer."""

@@ -1,0 +1,148 @@
+"""The ``padrec`` command line. User errors print one line (``padrec: error: ...``) and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from padrec_vllm.errors import UserError
+
+PROG = "padrec"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    if text == "cpu" or text == "cuda" or text.startswith("cuda:"):
+        return text
+    raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, help="Beauty, Sports_and_Outdoors, Toys_and_Games or Yelp")
+    p.add_argument("--data-dir", default=None, help="datasets folder (default: $PADREC_DATA_DIR or ../shared/data)")
+
+
+def _add_preset(p: argparse.ArgumentParser) -> None:
+    from padrec_vllm.presets import PRESETS
+
+    p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="model size and budget")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from padrec_vllm.catalog.embed import METHODS
+
+    parser = _Parser(prog=PROG, description="PAD-Rec speculative decoding for generative recommendation")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    data = sub.add_parser("data", help="dataset utilities")
+    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    dl = data_sub.add_parser("download", help="fetch the public S3-Rec files and check their sha256")
+    dl.add_argument("dataset")
+    dl.add_argument("--dest", default=None, help="target folder (default: --data-dir or $PADREC_DATA_DIR)")
+    dl.add_argument("--base-url", default=None, help="where the files are served")
+
+    prep = sub.add_parser("prepare", help="build the semantic-ID catalog and tokenizer")
+    _add_data_args(prep)
+    _add_preset(prep)
+    prep.add_argument("--out", required=True, help="artifacts directory")
+    prep.add_argument("--embedding", default="auto", choices=METHODS)
+
+    build = sub.add_parser("build", help="prepare + train target + evaluate into one artifacts dir")
+    _add_data_args(build)
+    _add_preset(build)
+    build.add_argument("--out", required=True, help="artifacts directory")
+    build.add_argument("--embedding", default="auto", choices=METHODS)
+    build.add_argument("--device", default="cpu", type=_device)
+
+    ev = sub.add_parser("eval", help="evaluate the target of an artifacts dir on test users")
+    ev.add_argument("--artifacts", required=True)
+    ev.add_argument("--data-dir", default=None)
+    ev.add_argument("--users", type=_positive_int, default=None, help="number of test users (default: preset's)")
+    ev.add_argument("--batch-size", type=_positive_int, default=64)
+    ev.add_argument("--device", default="cpu", type=_device)
+    ev.add_argument("--json", default=None, help="write the result to this file")
+    return parser
+
+
+def _cmd_download(args) -> None:
+    from padrec_vllm.data.download import DEFAULT_BASE_URL, download
+    from padrec_vllm.data.s3rec import DATA_DIR_ENV
+
+    dest = Path(args.dest or os.environ.get(DATA_DIR_ENV) or "data")
+    written = download(args.dataset, dest, args.base_url or DEFAULT_BASE_URL)
+    print(f"{args.dataset}: {len(written)} file(s) downloaded, all checksums match, in {dest / args.dataset}")
+
+
+def _cmd_prepare(args) -> None:
+    from padrec_vllm.catalog.prepare import prepare
+    from padrec_vllm.catalog.rq import QuantiserConfig
+    from padrec_vllm.data.s3rec import load_dataset
+    from padrec_vllm.presets import get_preset
+
+    preset = get_preset(args.preset)
+    dataset = load_dataset(args.dataset, args.data_dir)
+    report = prepare(dataset, Path(args.out), QuantiserConfig(codebook_size=preset.codebook_size, seed=preset.seed),
+                     args.embedding)
+    print("\n".join(report.lines()))
+
+
+def _cmd_build(args) -> None:
+    from padrec_vllm.pipeline import build
+    from padrec_vllm.presets import get_preset
+
+    build(args.dataset, get_preset(args.preset), Path(args.out), args.data_dir, args.device, args.embedding)
+
+
+def _cmd_eval(args) -> None:
+    from padrec_vllm.artifacts import ArtifactPaths
+    from padrec_vllm.data.s3rec import load_dataset
+    from padrec_vllm.pipeline import format_eval, run_eval
+    from padrec_vllm.presets import get_preset
+
+    paths = ArtifactPaths(Path(args.artifacts))
+    info = paths.read_build_info()
+    dataset = load_dataset(info["dataset"], args.data_dir)
+    result = run_eval(dataset, paths, get_preset(info["preset"]), args.device, args.users, args.batch_size)
+    print("\n".join(format_eval(result)))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+COMMANDS = {"download": _cmd_download, "prepare": _cmd_prepare, "build": _cmd_build, "eval": _cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        COMMANDS[getattr(args, "data_command", None) or args.command](args)
+    except UserError as exc:
+        msg = str(exc)
+        print(msg if msg.startswith(PROG) else f"{PROG}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sequential-recommendation data: S3-Rec loader, leave-one-out split, list-wise examples."""

@@ -1,0 +1,70 @@
+"""The target's KV cache with per-row validity, so rows of a batch can keep different counts.
+
+All rows share one slot axis of a transformers ``DynamicCache``. Every forward appends a block of
+T slots to every row; afterwards ``keep(n)`` marks the first ``n[r]`` slots of the block valid for
+row r and the rest (prompt padding, rejected drafts) as holes, hidden from later queries through
+the 2-D attention mask. Trailing slots that no row kept are cropped. A row's next position id is
+its number of valid slots, so holes never shift positions. Slot 0 is valid in every row (prompts
+are non-empty), so no query ever has all keys masked.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TargetKV:
+    def __init__(self, target: nn.Module, batch_size: int, device: torch.device) -> None:
+        from transformers import DynamicCache
+
+        self.target = target
+        self.cache = DynamicCache()
+        self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)  # [B, S]
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
+        self._block = 0  # width of the last block
+
+    def forward_block(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run the target over ``input_ids`` [B, T] at each row's next positions -> features [B, T, H].
+
+        Within the block the inputs are causal; a row's padding must come after its real inputs.
+        """
+        b, t = input_ids.shape
+        steps = torch.arange(t, device=input_ids.device)  # [T]
+        position_ids = self.lengths[:, None] + steps  # [B, T]
+        block = torch.ones(b, t, dtype=torch.bool, device=input_ids.device)  # [B, T]
+        self.valid = torch.cat((self.valid, block), dim=1)  # [B, S + T]
+        self._block = t
+        out = self.target.model(
+            input_ids=input_ids,
+            attention_mask=self.valid.long(),
+            position_ids=position_ids,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        return out.last_hidden_state  # [B, T, H]
+
+    def keep(self, counts: torch.Tensor) -> None:
+        """Keep the first ``counts[r]`` [B] slots of the last block of row r; drop the rest."""
+        t, self._block = self._block, 0
+        if t == 0:
+            raise RuntimeError("keep() must follow a forward_block()")
+        steps = torch.arange(t, device=counts.device)  # [T]
+        self.valid[:, -t:] = steps[None, :] < counts[:, None]  # [B, T]
+        self.lengths = self.lengths + counts  # [B]
+        self._crop_tail()
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows ``rows`` [B'] (finished requests leave the batch)."""
+        self.cache.batch_select_indices(rows)
+        self.valid = self.valid[rows]  # [B', S]
+        self.lengths = self.lengths[rows]  # [B']
+        self._crop_tail()
+
+    def _crop_tail(self) -> None:
+        used = self.valid.any(dim=0).nonzero()  # [n, 1]
+        keep = int(used.max()) + 1 if used.numel() else 0
+        drop = self.valid.shape[1] - keep
+        if drop > 0:
+            self.cache.crop(-drop)
+            self.valid = self.valid[:, :keep]  # [B, S']

@@ -1,0 +1,388 @@
+"""Draft heads: the EAGLE-1 body and its PAD-Rec variant (DESIGN.md section 4).
+
+The body follows vLLM 0.32 ``vllm/model_executor/models/llama_eagle.py`` (EAGLE-1, upstream
+https://github.com/SafeAILab/EAGLE/blob/main/eagle/model/cnets1.py), tensor for tensor, so a
+checkpoint trained here runs unchanged in vLLM.
+
+Contract. The input at position p is a feature ``f_p`` [H] (the target's last hidden state after its
+final norm, or the head's own output feature from the previous draft step) and the token
+``x_{p+1}``, with position id p. The output ``h_p`` [H] approximates ``f_{p+1}``; the target's
+``lm_head(h_p)`` gives logits for ``x_{p+2}``::
+
+    u = fc([emb(x_{p+1}); f_p])                          # emb = the target's embed_tokens (frozen)
+    padrec only:
+      u = u + alpha * item_emb[slot_of_token[x_{p+1}]]    # item position
+      g = sigmoid(w_g . [u; s_k] + b_g), s_k = step_emb[k] # per-token scalar gate
+      u = u + g * s_k                                      # draft step k (1 = verified pass)
+    r = u + attn(u)                                        # no input norm; RoPE; causal
+    h = r + mlp(post_attention_layernorm(r))               # no final norm
+
+Ablations (padrec): ``use_item_emb=False`` drops alpha and item_emb; ``use_step_emb=False`` drops
+step_emb and the gate; ``use_gate=False`` drops the gate and adds ``s_k`` unscaled.
+
+Initialisation of the PAD-Rec extras, chosen so that a fresh padrec head is close to a fresh eagle
+head: ``alpha = 0.1`` and item/step embeddings ~ N(0, initializer_range) make both added terms about
+a tenth of ``u``'s scale; gate weight ~ N(0, initializer_range) and bias 0 start the gate near 0.5,
+where the sigmoid's gradient is largest. Overhead over eagle: one gather of a [num_slots, H] table,
+one [B, T, H] x [H] dot product for the gate logit (the step half of the gate and its bias are a
+per-call scalar) and two [B, T, H] adds.
+
+Steps beyond ``num_steps`` reuse the last step embedding (a head trained for K steps can be run
+with more draft tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KINDS = ("eagle", "padrec")
+ALPHA_INIT = 0.1
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Shape of a draft head. The Llama fields are the target's (the head lives in its space)."""
+
+    kind: str  # "eagle" | "padrec"
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    vocab_size: int
+    num_slots: int  # item slots (TokenLayout.num_slots)
+    num_steps: int  # K: draft steps the head is trained for
+    use_item_emb: bool = True  # padrec only
+    use_step_emb: bool = True  # padrec only
+    use_gate: bool = True  # padrec only
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"head kind must be one of {KINDS}, got {self.kind!r}")
+        if self.num_steps < 1 or self.num_slots < 1:
+            raise ValueError("num_steps and num_slots must be >= 1")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    @property
+    def has_item_emb(self) -> bool:
+        return self.kind == "padrec" and self.use_item_emb
+
+    @property
+    def has_step_emb(self) -> bool:
+        return self.kind == "padrec" and self.use_step_emb
+
+    @property
+    def has_gate(self) -> bool:
+        return self.has_step_emb and self.use_gate
+
+    @classmethod
+    def from_target(
+        cls,
+        config,
+        kind: str,
+        *,
+        num_slots: int,
+        num_steps: int,
+        use_item_emb: bool = True,
+        use_step_emb: bool = True,
+        use_gate: bool = True,
+    ) -> "HeadConfig":
+        """Head config from the target's ``LlamaConfig`` (transformers 4.x or 5.x field layout)."""
+        rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"only default RoPE is supported by the draft head, target has {rope_type!r}")
+        theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"draft head needs a SiLU MLP, target has {config.hidden_act!r}")
+        if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+            raise ValueError("draft head supports targets without attention/MLP biases only")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(
+            kind=kind,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=head_dim,
+            rms_norm_eps=config.rms_norm_eps,
+            rope_theta=float(theta if theta is not None else 10000.0),
+            max_position_embeddings=config.max_position_embeddings,
+            vocab_size=config.vocab_size,
+            num_slots=num_slots,
+            num_steps=num_steps,
+            use_item_emb=use_item_emb,
+            use_step_emb=use_step_emb,
+            use_gate=use_gate,
+            initializer_range=getattr(config, "initializer_range", 0.02),
+            bos_token_id=getattr(config, "bos_token_id", None),
+            eos_token_id=getattr(config, "eos_token_id", None),
+            pad_token_id=getattr(config, "pad_token_id", None),
+        )
+
+
+class HeadCache:
+    """Position-addressed KV cache of the head's one layer: slot p holds the K/V of position p.
+
+    A call writes its keys/values at its position ids, then a query at position q reads slots
+    0..q. So rolling back is free: drafted slots beyond the verified frontier are rewritten by the
+    next round's step-1 pass before anything reads them. Callers keep one invariant: every slot
+    below the smallest position of a call holds a verified entry. Padding queries must carry
+    positions past the row's real ones (they then write only slots that are rewritten later).
+    ``capacity`` must exceed every position written; it is fixed, so no call syncs the device.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        capacity: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (batch_size, capacity, num_kv_heads, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)  # [B, S, Hkv, D]
+        self.values = torch.zeros(shape, device=device, dtype=dtype)  # [B, S, Hkv, D]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[1]
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor, position_ids: torch.Tensor) -> None:
+        """keys, values [B, T, Hkv, D] go to slots ``position_ids`` [B, T]."""
+        rows = torch.arange(keys.shape[0], device=keys.device)[:, None]  # [B, 1]
+        self.keys[rows, position_ids] = keys
+        self.values[rows, position_ids] = values
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows ``rows`` [B'] (finished requests leave the batch)."""
+        self.keys = self.keys[rows]
+        self.values = self.values[rows]
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Default RoPE tables for ``position_ids`` [B, T] -> cos, sin [B, T, D] (HF Llama / vLLM neox)."""
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    )  # [D/2]
+    freqs = position_ids[..., None].float() * inv_freq  # [B, T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)  # [..., D/2] each
+    return torch.cat((-x2, x1), dim=-1)  # [..., D]
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, heads, D], cos/sin [B, T, D]."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B, T, 1, D]
+    return x * cos + _rotate_half(x) * sin  # [B, T, heads, D]
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm (statistics in float32, as HF and vLLM compute it)."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()  # [..., H]
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # [..., H]
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: HeadConfig) -> None:
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: HeadCache | None,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)  # [B, T, Hq, D]
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
+        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        if cache is not None:
+            cache.write(k, v, position_ids)
+            k, v = cache.keys, cache.values  # [B, S, Hkv, D]
+            slots = torch.arange(k.shape[1], device=x.device)  # [S]
+            mask = slots[None, None, :] <= position_ids[:, :, None]  # [B, T, S]
+        else:
+            mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()[None]  # [1, T, T]
+            if attention_mask is not None:
+                # padding keys are hidden; the diagonal stays visible so no query row is all-masked
+                eye = torch.eye(t, dtype=torch.bool, device=x.device)[None]  # [1, T, T]
+                mask = mask & (attention_mask[:, None, :].bool() | eye)  # [B, T, T]
+        groups = self.num_heads // self.num_kv_heads
+        q = q.transpose(1, 2)  # [B, Hq, T, D]
+        k = k.transpose(1, 2).repeat_interleave(groups, dim=1)  # [B, Hq, S, D]
+        v = v.transpose(1, 2).repeat_interleave(groups, dim=1)  # [B, Hq, S, D]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])  # [B, Hq, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # [B, T, H]
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: HeadConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [B, T, H]
+
+
+class DecoderLayer(nn.Module):
+    """Llama decoder layer without ``input_layernorm`` (EAGLE-1 layer 0)."""
+
+    def __init__(self, cfg: HeadConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, u, cos, sin, position_ids, cache, attention_mask) -> torch.Tensor:
+        r = u + self.self_attn(u, cos, sin, position_ids, cache, attention_mask)  # [B, T, H]
+        return r + self.mlp(self.post_attention_layernorm(r))  # [B, T, H]
+
+
+class PadRecExtras(nn.Module):
+    """PAD-Rec parameters; which exist depends on the ablation switches."""
+
+    def __init__(self, cfg: HeadConfig) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        if cfg.has_item_emb:
+            self.alpha = nn.Parameter(torch.full((1,), ALPHA_INIT))  # [1]
+            self.item_emb = nn.Embedding(cfg.num_slots, h)  # [num_slots, H]
+        if cfg.has_step_emb:
+            self.step_emb = nn.Embedding(cfg.num_steps + 1, h)  # [K+1, H]; row 0 unused
+        if cfg.has_gate:
+            self.gate = nn.Linear(2 * h, 1)  # w_g [1, 2H], b_g [1]
+
+
+class DraftHead(nn.Module):
+    """EAGLE-1 / PAD-Rec draft head. Owns neither the embedding nor ``lm_head`` (the target's).
+
+    ``forward`` serves training (no cache: causal over T, optional padding ``attention_mask``) and
+    decoding (with a ``HeadCache``: attends to cached positions <= its own).
+    """
+
+    def __init__(self, config: HeadConfig, slot_of_token: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        if slot_of_token is not None:
+            slot_of_token = torch.as_tensor(slot_of_token, dtype=torch.long)
+            if slot_of_token.shape != (config.vocab_size,):
+                raise ValueError(f"slot_of_token has shape {tuple(slot_of_token.shape)}, want ({config.vocab_size},)")
+            if int(slot_of_token.min()) < 0 or int(slot_of_token.max()) >= config.num_slots:
+                raise ValueError(f"slot_of_token values must lie in 0..{config.num_slots - 1}")
+            self.register_buffer("slot_of_token", slot_of_token, persistent=False)  # [V]
+        elif config.has_item_emb:
+            raise ValueError("a padrec head with item embeddings needs slot_of_token")
+        else:
+            self.register_buffer("slot_of_token", None, persistent=False)
+        self.fc = nn.Linear(2 * h, h, bias=False)
+        self.layers = nn.ModuleList([DecoderLayer(config)])
+        self.padrec = PadRecExtras(config) if config.kind == "padrec" else None
+        self._init_weights()
+
+    @property
+    def num_steps(self) -> int:
+        return self.config.num_steps
+
+    def _init_weights(self) -> None:
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def new_cache(self, batch_size: int, capacity: int) -> HeadCache:
+        p = self.fc.weight
+        return HeadCache(
+            batch_size, capacity, self.config.num_key_value_heads, self.config.head_dim,
+            device=p.device, dtype=p.dtype,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        features: torch.Tensor,
+        position_ids: torch.Tensor,
+        *,
+        step: int,
+        embed: nn.Module,
+        cache: HeadCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids [B, T] (x_{p+1}), features [B, T, H] (f_p), position_ids [B, T] (p) -> h [B, T, H].
+
+        ``step`` is the draft step k (1 = pass over verified tokens); ``embed`` the target's input
+        embedding; ``attention_mask`` [B, T] (1 = real token) only without a cache.
+        """
+        if step < 1:
+            raise ValueError(f"draft step must be >= 1, got {step}")
+        if cache is not None and attention_mask is not None:
+            raise ValueError("attention_mask is for cache-free (training) calls only")
+        x = embed(input_ids).to(features.dtype)  # [B, T, H]
+        u = self.fc(torch.cat((x, features), dim=-1))  # [B, T, H]
+        if self.padrec is not None:
+            u = self._add_positions(u, input_ids, step)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, u.dtype)
+        return self.layers[0](u, cos, sin, position_ids, cache, attention_mask)  # [B, T, H]
+
+    def _add_positions(self, u: torch.Tensor, input_ids: torch.Tensor, step: int) -> torch.Tensor:
+        p, cfg = self.padrec, self.config
+        if cfg.has_item_emb:
+            u = u + p.alpha * p.item_emb(self.slot_of_token[input_ids])  # [B, T, H]
+        if cfg.has_step_emb:
+            s = p.step_emb.weight[min(step, cfg.num_steps)]  # [H]
+            if cfg.has_gate:
+                h = cfg.hidden_size
+                w = p.gate.weight[0]  # [2H] = [w_u; w_s]
+                logit = u @ w[:h] + (s @ w[h:] + p.gate.bias)  # [B, T]
+                u = u + torch.sigmoid(logit)[..., None] * s  # [B, T, H]
+            else:
+                u = u + s  # [B, T, H]
+        return u
+
+    @staticmethod
+    def logits(hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+        """hidden [..., H] -> logits [..., V] through the target's ``lm_head``."""
+        return lm_head(hidden)

@@ -1,0 +1,108 @@
+"""``padrec build``: prepare -> train target -> evaluate (-> draft heads), into one artifacts dir.
+
+Each stage is skipped when its output already exists, so a rerun resumes where the last stopped
+(the target training itself resumes from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from padrec_vllm.artifacts import ArtifactPaths
+from padrec_vllm.catalog.catalog import CATALOG_FILE, Catalog
+from padrec_vllm.catalog.prepare import prepare
+from padrec_vllm.catalog.rq import QuantiserConfig
+from padrec_vllm.data.examples import list_examples
+from padrec_vllm.data.s3rec import Dataset, leave_one_out, load_dataset
+from padrec_vllm.eval.evaluate import evaluate_target, sample_test_users
+from padrec_vllm.model.target import load_target, new_target
+from padrec_vllm.presets import TargetPreset
+from padrec_vllm.train.target import train_target
+
+
+def log(msg: str) -> None:
+    print(f"[padrec] {msg}", flush=True)
+
+
+def run_prepare(dataset: Dataset, paths: ArtifactPaths, preset: TargetPreset, embedding: str) -> None:
+    if (paths.root / CATALOG_FILE).exists():
+        log(f"catalog exists in {paths.root}, skipping prepare")
+        return
+    report = prepare(dataset, paths.root, QuantiserConfig(codebook_size=preset.codebook_size, seed=preset.seed), embedding)
+    for line in report.lines():
+        log(line)
+
+
+def run_train_target(dataset: Dataset, paths: ArtifactPaths, preset: TargetPreset, device: str) -> dict | None:
+    if (paths.target / "config.json").exists():
+        log(f"target exists in {paths.target}, skipping training")
+        return None
+    catalog = Catalog.load(paths.root)
+    split = leave_one_out(dataset.sequences)
+    examples = list_examples(split.train, catalog, preset.history, preset.list_len,
+                             max_users=preset.max_train_users, seed=preset.seed)
+    log(f"{len(examples)} training lists, {sum(map(len, examples))} tokens per epoch; "
+        f"{preset.max_steps} steps of {preset.batch_size}")
+    model = new_target(preset, catalog.layout, preset.seed)
+    report = train_target(model, examples, preset, paths.target, device=device)
+    shutil.copytree(paths.tokenizer, paths.target, dirs_exist_ok=True)
+    log(f"trained in {report.seconds:.0f} s ({report.tokens_per_s:.0f} tokens/s), final loss {report.final_loss:.3f}")
+    return asdict(report) | {"examples": len(examples)}
+
+
+def run_eval(dataset: Dataset, paths: ArtifactPaths, preset: TargetPreset, device: str,
+             users: int | None = None, batch_size: int = 64) -> dict:
+    catalog = Catalog.load(paths.root)
+    split = leave_one_out(dataset.sequences)
+    eval_users = sample_test_users(split, catalog, preset.history, users or preset.eval_users, preset.seed)
+    target = load_target(paths.target, device=device)
+    t0 = time.perf_counter()
+    result = evaluate_target(target, catalog, split, eval_users, preset.list_len, batch_size=batch_size)
+    result |= {"dataset": dataset.name, "preset": preset.name, "seconds": time.perf_counter() - t0}
+    return result
+
+
+def format_eval(result: dict) -> list[str]:
+    rows = [f"{'':14s} {'Recall@10':>9s} {'NDCG@10':>8s} {'invalid':>8s} {'dup':>6s}"]
+    for name in ("target", "most_popular"):
+        m = result[name]
+        rows.append(f"{name:14s} {m['recall_at_10']:9.4f} {m['ndcg_at_10']:8.4f} "
+                    f"{m['invalid_item_rate']:8.4f} {m['duplicate_rate']:6.4f}")
+    return [f"{result['dataset']} ({result['preset']}), {result['users']} test users:"] + rows
+
+
+def build(dataset_name: str, preset: TargetPreset, out: Path, data_dir: str | None = None,
+          device: str = "cpu", embedding: str = "auto") -> dict:
+    """Run every stage; returns the evaluation dict (also in ``eval.json``)."""
+    paths = ArtifactPaths(Path(out))
+    dataset = load_dataset(dataset_name, data_dir)
+    if paths.build_info.exists():
+        info = paths.read_build_info()
+        if (info.get("dataset"), info.get("preset")) != (dataset_name, preset.name):
+            from padrec_vllm.errors import UserError
+            raise UserError(f"{paths.root} holds a build of {info.get('dataset')}/{info.get('preset')}; "
+                            f"use another --out for {dataset_name}/{preset.name}")
+    else:
+        info = {"dataset": dataset_name, "preset": preset.name, "seed": preset.seed, "timings_s": {}}
+    paths.write_build_info(info)
+    t0 = time.perf_counter()
+    run_prepare(dataset, paths, preset, embedding)
+    info["timings_s"].setdefault("prepare", time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    train = run_train_target(dataset, paths, preset, device)
+    if train is not None:
+        info["train_target"] = train
+        info["timings_s"]["train_target"] = time.perf_counter() - t0
+    paths.write_build_info(info)
+    if paths.eval_file.exists():
+        result = json.loads(paths.eval_file.read_text())
+    else:
+        result = run_eval(dataset, paths, preset, device)
+        paths.eval_file.write_text(json.dumps(result, indent=2) + "\n")
+    for line in format_eval(result):
+        log(line)
+    return result

@@ -1,0 +1,58 @@
+"""Named training presets: target size, data budget and evaluation size, one frozen record each.
+
+Training cost on the 2-core development machines (Hugging Face Llama, bf16 autocast):
+``tiny`` < 1 min, ``demo`` <= 10 min for the whole ``padrec build``, ``bench`` is meant for a
+GPU (seconds) or an hours-long background job on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from padrec_vllm.errors import UserError
+
+
+@dataclass(frozen=True)
+class TargetPreset:
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    history: int = 20  # H: history items in the prompt
+    list_len: int = 10  # N: items per training list
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    max_steps: int = 1000
+    warmup_steps: int = 100
+    max_train_users: int | None = None  # subsample users (tiny preset)
+    eval_users: int = 2000  # test users evaluated by `padrec build`
+    codebook_size: int = 256
+    head_steps: int = 1000  # draft-head training steps (same for every head)
+    head_users: int = 4000  # training histories used for self-distillation
+    num_draft_tokens: int = 4  # K
+    seed: int = 0
+
+
+PRESETS: dict[str, TargetPreset] = {
+    p.name: p
+    for p in (
+        TargetPreset("tiny", num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128,
+                     history=5, list_len=4, batch_size=32, lr=3e-3, max_steps=60, warmup_steps=10,
+                     max_train_users=300, eval_users=50, codebook_size=16,
+                     head_steps=40, head_users=64, num_draft_tokens=3),
+        TargetPreset("demo", num_layers=4, hidden_size=256, num_heads=4, intermediate_size=768,
+                     lr=2e-3, max_steps=1000, warmup_steps=100, eval_users=2000,
+                     head_steps=600, head_users=3000),
+        TargetPreset("bench", num_layers=8, hidden_size=384, num_heads=6, intermediate_size=1024,
+                     batch_size=256, lr=1e-3, max_steps=6000, warmup_steps=300, eval_users=22363,
+                     head_steps=4000, head_users=22363),
+    )
+}
+
+
+def get_preset(name: str) -> TargetPreset:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name]
