@@ -30,6 +30,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _csv(text: str) -> tuple[str, ...]:
+    items = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
 def _device(text: str) -> str:
     if text == "cpu" or text == "cuda" or text.startswith("cuda:"):
         return text
@@ -72,14 +79,36 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", required=True, help="artifacts directory")
     build.add_argument("--embedding", default="auto", choices=METHODS)
     build.add_argument("--device", default="cpu", type=_device)
+    build.add_argument("--train-budget-s", type=_positive_int, default=None,
+                       help="stop target training after this many seconds (default: run all steps)")
 
     ev = sub.add_parser("eval", help="evaluate the target of an artifacts dir on test users")
     ev.add_argument("--artifacts", required=True)
     ev.add_argument("--data-dir", default=None)
     ev.add_argument("--users", type=_positive_int, default=None, help="number of test users (default: preset's)")
-    ev.add_argument("--batch-size", type=_positive_int, default=64)
+    ev.add_argument("--batch-size", type=_positive_int, default=None)
     ev.add_argument("--device", default="cpu", type=_device)
     ev.add_argument("--json", default=None, help="write the result to this file")
+
+    th = sub.add_parser("train-heads", help="train draft heads (and ablations) for an artifacts dir")
+    th.add_argument("--artifacts", required=True)
+    th.add_argument("--data-dir", default=None)
+    th.add_argument("--heads", type=_csv, default=("eagle", "padrec"),
+                    help="comma-separated: eagle, padrec, padrec-no-item, padrec-no-step, padrec-no-gate")
+    th.add_argument("--device", default="cpu", type=_device)
+
+    bench = sub.add_parser("bench", help="plain vs speculative decoding, side by side")
+    bench.add_argument("--artifacts", required=True)
+    bench.add_argument("--data-dir", default=None)
+    bench.add_argument("--engine", default="reference", choices=["reference"])
+    bench.add_argument("--methods", type=_csv, default=("ar", "eagle", "padrec"),
+                       help="comma-separated: ar and head names under DIR/heads/")
+    bench.add_argument("--users", type=_positive_int, default=200)
+    bench.add_argument("--batch-size", type=_positive_int, default=1)
+    bench.add_argument("--k", type=_positive_int, default=None, help="draft tokens per round (default: preset's)")
+    bench.add_argument("--device", default="cpu", type=_device)
+    bench.add_argument("--json", default=None, help="write the result JSON here")
+    bench.add_argument("--plot", default=None, help="write the acceptance plot (PNG) here")
     return parser
 
 
@@ -109,7 +138,8 @@ def _cmd_build(args) -> None:
     from padrec_vllm.pipeline import build
     from padrec_vllm.presets import get_preset
 
-    build(args.dataset, get_preset(args.preset), Path(args.out), args.data_dir, args.device, args.embedding)
+    build(args.dataset, get_preset(args.preset), Path(args.out), args.data_dir, args.device, args.embedding,
+          args.train_budget_s)
 
 
 def _cmd_eval(args) -> None:
@@ -127,7 +157,36 @@ def _cmd_eval(args) -> None:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
-COMMANDS = {"download": _cmd_download, "prepare": _cmd_prepare, "build": _cmd_build, "eval": _cmd_eval}
+def _cmd_train_heads(args) -> None:
+    from padrec_vllm.artifacts import ArtifactPaths
+    from padrec_vllm.data.s3rec import load_dataset
+    from padrec_vllm.pipeline import run_train_heads
+    from padrec_vllm.presets import get_preset
+    from padrec_vllm.train.heads import HEAD_VARIANTS
+
+    unknown = [h for h in args.heads if h not in HEAD_VARIANTS]
+    if unknown:
+        raise UserError(f"unknown head variant(s) {', '.join(unknown)}; choose from {', '.join(HEAD_VARIANTS)}")
+    paths = ArtifactPaths(Path(args.artifacts))
+    info = paths.read_build_info()
+    reports = run_train_heads(load_dataset(info["dataset"], args.data_dir), paths, get_preset(info["preset"]),
+                              args.device, tuple(args.heads))
+    info.setdefault("train_heads", {}).update(reports)
+    paths.write_build_info(info)
+
+
+def _cmd_bench(args) -> None:
+    from padrec_vllm.bench import BenchConfig, format_table, run_bench, write_outputs
+
+    result = run_bench(BenchConfig(artifacts=Path(args.artifacts), methods=tuple(args.methods), users=args.users,
+                                   batch_size=args.batch_size, num_draft_tokens=args.k, device=args.device,
+                                   engine=args.engine, data_dir=args.data_dir))
+    print("\n".join(format_table(result)))
+    write_outputs(result, Path(args.json) if args.json else None, Path(args.plot) if args.plot else None)
+
+
+COMMANDS = {"download": _cmd_download, "prepare": _cmd_prepare, "build": _cmd_build, "eval": _cmd_eval,
+            "train-heads": _cmd_train_heads, "bench": _cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

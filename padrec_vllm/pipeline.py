@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
+
+import torch
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,10 +20,13 @@ from padrec_vllm.catalog.prepare import prepare
 from padrec_vllm.catalog.rq import QuantiserConfig
 from padrec_vllm.data.examples import list_examples
 from padrec_vllm.data.s3rec import Dataset, leave_one_out, load_dataset
-from padrec_vllm.eval.evaluate import evaluate_target, sample_test_users
+from padrec_vllm.eval.evaluate import evaluate_target, max_new_tokens, sample_test_users
 from padrec_vllm.model.target import load_target, new_target
 from padrec_vllm.presets import TargetPreset
+from padrec_vllm.train.heads import build_distill_set, distill_prompts, train_head, variant_config
 from padrec_vllm.train.target import train_target
+
+DEFAULT_HEADS = ("eagle", "padrec")
 
 
 def log(msg: str) -> None:
@@ -37,7 +42,13 @@ def run_prepare(dataset: Dataset, paths: ArtifactPaths, preset: TargetPreset, em
         log(line)
 
 
-def run_train_target(dataset: Dataset, paths: ArtifactPaths, preset: TargetPreset, device: str) -> dict | None:
+def _gen_batch(device: str) -> int:
+    """Decoding batch for evaluation and self-distillation: large on a GPU, modest on CPU."""
+    return 512 if device.startswith("cuda") else 64
+
+
+def run_train_target(dataset: Dataset, paths: ArtifactPaths, preset: TargetPreset, device: str,
+                     time_budget_s: float | None = None) -> dict | None:
     if (paths.target / "config.json").exists():
         log(f"target exists in {paths.target}, skipping training")
         return None
@@ -48,22 +59,48 @@ def run_train_target(dataset: Dataset, paths: ArtifactPaths, preset: TargetPrese
     log(f"{len(examples)} training lists, {sum(map(len, examples))} tokens per epoch; "
         f"{preset.max_steps} steps of {preset.batch_size}")
     model = new_target(preset, catalog.layout, preset.seed)
-    report = train_target(model, examples, preset, paths.target, device=device)
+    report = train_target(model, examples, preset, paths.target, device=device, time_budget_s=time_budget_s,
+                          save_dtype=torch.bfloat16 if device.startswith("cuda") else None)
     shutil.copytree(paths.tokenizer, paths.target, dirs_exist_ok=True)
     log(f"trained in {report.seconds:.0f} s ({report.tokens_per_s:.0f} tokens/s), final loss {report.final_loss:.3f}")
     return asdict(report) | {"examples": len(examples)}
 
 
 def run_eval(dataset: Dataset, paths: ArtifactPaths, preset: TargetPreset, device: str,
-             users: int | None = None, batch_size: int = 64) -> dict:
+             users: int | None = None, batch_size: int | None = None) -> dict:
     catalog = Catalog.load(paths.root)
     split = leave_one_out(dataset.sequences)
     eval_users = sample_test_users(split, catalog, preset.history, users or preset.eval_users, preset.seed)
     target = load_target(paths.target, device=device)
     t0 = time.perf_counter()
-    result = evaluate_target(target, catalog, split, eval_users, preset.list_len, batch_size=batch_size)
+    result = evaluate_target(target, catalog, split, eval_users, preset.list_len,
+                             batch_size=batch_size or _gen_batch(device))
     result |= {"dataset": dataset.name, "preset": preset.name, "seconds": time.perf_counter() - t0}
     return result
+
+
+def run_train_heads(dataset: Dataset, paths: ArtifactPaths, preset: TargetPreset, device: str,
+                    variants: tuple[str, ...] = DEFAULT_HEADS) -> dict:
+    """Self-distil once, then train every missing head variant on the same data and budget."""
+    todo = [v for v in variants if not (paths.head(v) / "config.json").exists()]
+    if not todo:
+        log(f"heads {', '.join(variants)} exist, skipping head training")
+        return {}
+    catalog = Catalog.load(paths.root)
+    split = leave_one_out(dataset.sequences)
+    target = load_target(paths.target, device=device)
+    prompts = distill_prompts(split.train, catalog, preset.history, preset.head_users, preset.seed)
+    log(f"self-distillation: target greedy lists for {len(prompts)} training histories")
+    t0 = time.perf_counter()
+    data = build_distill_set(target, prompts, max_new_tokens(catalog, preset.list_len), device, _gen_batch(device))
+    reports = {"distill": {"sequences": len(prompts), "seconds": time.perf_counter() - t0}}
+    for name in todo:
+        cfg = variant_config(name, preset.num_draft_tokens, preset.head_steps, preset.head_batch_size, preset.seed)
+        rep = train_head(target, catalog, data, cfg, paths.head(name), device)
+        log(f"{name} head: {rep.steps} steps in {rep.seconds:.0f} s, loss {rep.final_loss:.3f}, "
+            f"step-1 top-1 {rep.final_top1:.3f}")
+        reports[name] = asdict(rep)
+    return reports
 
 
 def format_eval(result: dict) -> list[str]:
@@ -76,7 +113,7 @@ def format_eval(result: dict) -> list[str]:
 
 
 def build(dataset_name: str, preset: TargetPreset, out: Path, data_dir: str | None = None,
-          device: str = "cpu", embedding: str = "auto") -> dict:
+          device: str = "cpu", embedding: str = "auto", train_budget_s: float | None = None) -> dict:
     """Run every stage; returns the evaluation dict (also in ``eval.json``)."""
     paths = ArtifactPaths(Path(out))
     dataset = load_dataset(dataset_name, data_dir)
@@ -93,7 +130,7 @@ def build(dataset_name: str, preset: TargetPreset, out: Path, data_dir: str | No
     run_prepare(dataset, paths, preset, embedding)
     info["timings_s"].setdefault("prepare", time.perf_counter() - t0)
     t0 = time.perf_counter()
-    train = run_train_target(dataset, paths, preset, device)
+    train = run_train_target(dataset, paths, preset, device, train_budget_s)
     if train is not None:
         info["train_target"] = train
         info["timings_s"]["train_target"] = time.perf_counter() - t0
@@ -105,4 +142,10 @@ def build(dataset_name: str, preset: TargetPreset, out: Path, data_dir: str | No
         paths.eval_file.write_text(json.dumps(result, indent=2) + "\n")
     for line in format_eval(result):
         log(line)
+    t0 = time.perf_counter()
+    heads = run_train_heads(dataset, paths, preset, device)
+    if heads:
+        info.setdefault("train_heads", {}).update(heads)
+        info["timings_s"]["train_heads"] = time.perf_counter() - t0
+        paths.write_build_info(info)
     return result

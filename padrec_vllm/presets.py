@@ -31,6 +31,7 @@ class TargetPreset:
     codebook_size: int = 256
     head_steps: int = 1000  # draft-head training steps (same for every head)
     head_users: int = 4000  # training histories used for self-distillation
+    head_batch_size: int = 32
     num_draft_tokens: int = 4  # K
     seed: int = 0
 
@@ -41,13 +42,13 @@ PRESETS: dict[str, TargetPreset] = {
         TargetPreset("tiny", num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128,
                      history=5, list_len=4, batch_size=32, lr=3e-3, max_steps=60, warmup_steps=10,
                      max_train_users=300, eval_users=50, codebook_size=16,
-                     head_steps=40, head_users=64, num_draft_tokens=3),
+                     head_steps=40, head_users=64, head_batch_size=16, num_draft_tokens=3),
         TargetPreset("demo", num_layers=4, hidden_size=256, num_heads=4, intermediate_size=768,
                      lr=2e-3, max_steps=1000, warmup_steps=100, eval_users=2000,
-                     head_steps=600, head_users=3000),
+                     head_steps=500, head_users=3000),
         TargetPreset("bench", num_layers=8, hidden_size=384, num_heads=6, intermediate_size=1024,
                      batch_size=256, lr=1e-3, max_steps=6000, warmup_steps=300, eval_users=22363,
-                     head_steps=4000, head_users=22363),
+                     head_steps=2000, head_users=22363, head_batch_size=128),
     )
 }
 

@@ -23,9 +23,11 @@ step_emb and the gate; ``use_gate=False`` drops the gate and adds ``s_k`` unscal
 Initialisation of the PAD-Rec extras, chosen so that a fresh padrec head is close to a fresh eagle
 head: ``alpha = 0.1`` and item/step embeddings ~ N(0, initializer_range) make both added terms about
 a tenth of ``u``'s scale; gate weight ~ N(0, initializer_range) and bias 0 start the gate near 0.5,
-where the sigmoid's gradient is largest. Overhead over eagle: one gather of a [num_slots, H] table,
-one [B, T, H] x [H] dot product for the gate logit (the step half of the gate and its bias are a
-per-call scalar) and two [B, T, H] adds.
+where the sigmoid's gradient is largest. Overhead over eagle, kept small for decoding: the
+parameter-only terms (the per-token table ``alpha * item_emb[slot_of_token]`` [V, H], and the step
+half of the gate logit) are cached while no gradient is recorded, leaving five small ops per
+forward: a gather, an add, a [B, T, H] x [H] dot with bias, a sigmoid and an addcmul; on CUDA,
+without autograd, those five run as one Triton kernel (``fused_kernel``; fp32 inside).
 
 Steps beyond ``num_steps`` reuse the last step embedding (a head trained for K steps can be run
 with more draft tokens).
@@ -34,10 +36,17 @@ with more draft tokens).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+try:  # on CUDA the decoding-time PAD-Rec terms run as one fused Triton kernel
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - Triton ships with PyTorch's CUDA builds
+    triton = None
 
 KINDS = ("eagle", "padrec")
 ALPHA_INIT = 0.1
@@ -279,6 +288,42 @@ class DecoderLayer(nn.Module):
         return r + self.mlp(self.post_attention_layernorm(r))  # [B, T, H]
 
 
+if triton is not None:
+
+    @triton.jit
+    def _padrec_terms_kernel(u_ptr, ids_ptr, table_ptr, step_ptr, w_ptr, logit_ptr, out_ptr, H,
+                             BLOCK: tl.constexpr):
+        """Row n: v = u[n] + table[ids[n]]; out[n] = v + sigmoid(w . v + logit_k) * step_k."""
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < H
+        tok = tl.load(ids_ptr + row)
+        v = tl.load(u_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
+        v += tl.load(table_ptr + tok * H + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(step_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.sigmoid(tl.sum(v * w, axis=0) + tl.load(logit_ptr).to(tl.float32))
+        tl.store(out_ptr + row * H + offs, (v + g * s).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _fused_padrec_terms(u, input_ids, table, step_vec, w_u, step_logit) -> torch.Tensor:
+    """One-kernel form of ``_add_positions`` for inference on CUDA (no autograd)."""
+    h = u.shape[-1]
+    rows = u.reshape(-1, h).contiguous()  # [N, H]
+    out = torch.empty_like(rows)  # [N, H]
+    _padrec_terms_kernel[(rows.shape[0],)](
+        rows, input_ids.reshape(-1).contiguous(), table, step_vec, w_u, step_logit, out, h,
+        BLOCK=triton.next_power_of_2(h),
+    )
+    return out.view_as(u)  # [B, T, H]
+
+
+class _PadRecTerms(NamedTuple):
+    item_table: torch.Tensor | None  # [V, H]: alpha * item_emb[slot_of_token[v]]
+    step_vecs: torch.Tensor | None  # [K+1, H]: step_emb
+    step_logits: torch.Tensor | None  # [K+1]: w_s . step_emb[k] + b_g
+
+
 class PadRecExtras(nn.Module):
     """PAD-Rec parameters; which exist depends on the ablation switches."""
 
@@ -319,6 +364,9 @@ class DraftHead(nn.Module):
         self.fc = nn.Linear(2 * h, h, bias=False)
         self.layers = nn.ModuleList([DecoderLayer(config)])
         self.padrec = PadRecExtras(config) if config.kind == "padrec" else None
+        self._terms_key: tuple | None = None  # cache of _padrec_terms() for inference
+        self.fused_kernel = True  # inference on CUDA: the PAD-Rec terms as one Triton kernel
+        self._terms: _PadRecTerms | None = None
         self._init_weights()
 
     @property
@@ -368,19 +416,56 @@ class DraftHead(nn.Module):
         return self.layers[0](u, cos, sin, position_ids, cache, attention_mask)  # [B, T, H]
 
     def _add_positions(self, u: torch.Tensor, input_ids: torch.Tensor, step: int) -> torch.Tensor:
-        p, cfg = self.padrec, self.config
-        if cfg.has_item_emb:
-            u = u + p.alpha * p.item_emb(self.slot_of_token[input_ids])  # [B, T, H]
-        if cfg.has_step_emb:
-            s = p.step_emb.weight[min(step, cfg.num_steps)]  # [H]
-            if cfg.has_gate:
-                h = cfg.hidden_size
-                w = p.gate.weight[0]  # [2H] = [w_u; w_s]
-                logit = u @ w[:h] + (s @ w[h:] + p.gate.bias)  # [B, T]
-                u = u + torch.sigmoid(logit)[..., None] * s  # [B, T, H]
+        terms, cfg = self._padrec_terms(), self.config
+        k = min(step, cfg.num_steps)
+        if (
+            self.fused_kernel and triton is not None and u.is_cuda and not torch.is_grad_enabled()
+            and terms.item_table is not None and terms.step_logits is not None
+        ):
+            w_u = self.padrec.gate.weight[0, : cfg.hidden_size]  # [H]
+            return _fused_padrec_terms(
+                u, input_ids, terms.item_table, terms.step_vecs[k], w_u, terms.step_logits[k:]
+            )
+        if terms.item_table is not None:
+            u = u + F.embedding(input_ids, terms.item_table)  # + alpha * item_emb[slot(x)], [B, T, H]
+        if terms.step_vecs is not None:
+            s = terms.step_vecs[k]  # [H]
+            if terms.step_logits is not None:
+                w_u = self.padrec.gate.weight[:, : cfg.hidden_size]  # [1, H]
+                logit = F.linear(u, w_u, terms.step_logits[k : k + 1])  # w_u.u + w_s.s_k + b_g, [B, T, 1]
+                u = torch.addcmul(u, torch.sigmoid(logit), s)  # u + g * s_k, [B, T, H]
             else:
                 u = u + s  # [B, T, H]
         return u
+
+    def _padrec_terms(self) -> "_PadRecTerms":
+        """The parameter-only part of the PAD-Rec terms.
+
+        Recomputed on every call while autograd records (training); cached otherwise, keyed on the
+        parameters' storage and version counters, so an optimizer step, ``load_state_dict`` or
+        ``.to()`` invalidates it (parameters created under ``torch.inference_mode`` have no
+        version counter and are never cached).
+        """
+        p, cfg = self.padrec, self.config
+        key = None
+        params = list(self.padrec.parameters())
+        # inference tensors (made under torch.inference_mode) have no version counter: no cache
+        if not torch.is_grad_enabled() and not any(t.is_inference() for t in params):
+            key = tuple((t.data_ptr(), t._version) for t in params)
+            if self._terms_key == key:
+                return self._terms
+        item_table = step_vecs = step_logits = None
+        if cfg.has_item_emb:
+            item_table = p.alpha * p.item_emb.weight[self.slot_of_token]  # [V, H]
+        if cfg.has_step_emb:
+            step_vecs = p.step_emb.weight  # [K+1, H]
+            if cfg.has_gate:
+                w_s = p.gate.weight[:, cfg.hidden_size :]  # [1, H]
+                step_logits = F.linear(step_vecs, w_s, p.gate.bias)[:, 0]  # [K+1]
+        terms = _PadRecTerms(item_table, step_vecs, step_logits)
+        if key is not None:
+            self._terms_key, self._terms = key, terms
+        return terms
 
     @staticmethod
     def logits(hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:

@@ -51,8 +51,12 @@ def _batches(examples: list[Example], preset: TargetPreset, seed: int):
 
 def train_target(model, examples: list[Example], preset: TargetPreset, out_dir: Path,
                  device: str = "cpu", ckpt_every: int = 200, save_dtype: torch.dtype | None = None,
-                 progress: bool = True) -> TrainReport:
-    """Train ``model`` in place for ``preset.max_steps`` steps and save it to ``out_dir``."""
+                 progress: bool = True, time_budget_s: float | None = None) -> TrainReport:
+    """Train ``model`` in place for ``preset.max_steps`` steps and save it to ``out_dir``.
+
+    With ``time_budget_s``, training stops early once that much wall time has passed (the
+    cosine schedule still assumes ``max_steps``); the report says how many steps ran.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(preset.seed)
     model.to(device).train()
@@ -75,7 +79,10 @@ def train_target(model, examples: list[Example], preset: TargetPreset, out_dir: 
     loss_ema = float("nan")
     bar = tqdm(range(start, preset.max_steps), desc="train target", unit="step", disable=not progress,
                initial=start, total=preset.max_steps)
+    done = start
     for step in bar:
+        if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
+            break
         batch = {k: v.to(device) for k, v in collate(next(stream)).items()}
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, preset)
@@ -85,10 +92,11 @@ def train_target(model, examples: list[Example], preset: TargetPreset, out_dir: 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        done = step + 1
         tokens += int(batch["attention_mask"].sum())
-        val = float(loss)
+        val = float(loss.detach())
         loss_ema = val if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * val
-        bar.set_postfix(loss=f"{loss_ema:.3f}")
+        bar.set_postfix(loss=f"{loss_ema:.3f}", refresh=False)
         if (step + 1) % ckpt_every == 0 and step + 1 < preset.max_steps:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
                         "tokens": tokens, "elapsed": time.perf_counter() - t0}, state_path)
@@ -97,4 +105,4 @@ def train_target(model, examples: list[Example], preset: TargetPreset, out_dir: 
     to_save = model if save_dtype is None else model.to(save_dtype)
     to_save.save_pretrained(str(out_dir), max_shard_size="15MB")
     state_path.unlink(missing_ok=True)
-    return TrainReport(steps=preset.max_steps, tokens=tokens, seconds=seconds, final_loss=loss_ema, device=device)
+    return TrainReport(steps=done, tokens=tokens, seconds=seconds, final_loss=loss_ema, device=device)

@@ -1,0 +1,207 @@
+"""``padrec bench``: plain decoding and speculative methods side by side, in one process.
+
+Methods are run round-robin batch by batch (``ar`` first in odd rounds, last in even ones), so
+machine noise hits every method alike; a warm-up batch per method is excluded. ``speedup`` and
+``identical_rate`` are against ``ar`` in the same run. Output JSON (contract of issue 3)::
+
+    {"dataset", "engine", "device", "users", "k", "batch_size",
+     "quality": {"recall_at_10", "ndcg_at_10", "invalid_item_rate", "duplicate_rate"},
+     "methods": {"<name>": {"wall_s", "tokens_per_s", "latency_ms": {"p50", "p95"}, "tau",
+                            "accept_by_pos": [...], "accept_by_slot": {...}, "speedup",
+                            "identical_rate", "head_forward_ms"}}}
+
+``latency_ms`` is per request: the wall time of the batch it was decoded in. ``accept_by_slot``
+is keyed by slot name (``L0``.. for SID levels, ``sep``, ``special``).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from padrec_vllm.artifacts import ArtifactPaths
+from padrec_vllm.catalog.catalog import Catalog
+from padrec_vllm.catalog.tokens import EOS_ID, TokenLayout
+from padrec_vllm.data.s3rec import leave_one_out, load_dataset
+from padrec_vllm.decoding import RequestResult, aggregate, generate, identical_output_rate
+from padrec_vllm.errors import UserError
+from padrec_vllm.eval.evaluate import list_quality, max_new_tokens, sample_test_users
+from padrec_vllm.model.head_checkpoint import load_head
+from padrec_vllm.model.heads import DraftHead
+from padrec_vllm.model.target import load_target
+from padrec_vllm.presets import get_preset
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    artifacts: Path
+    methods: tuple[str, ...]
+    users: int
+    batch_size: int
+    num_draft_tokens: int | None = None  # K; default: the preset's
+    device: str = "cpu"
+    engine: str = "reference"
+    data_dir: str | None = None
+    seed: int = 0
+
+
+def slot_names(layout: TokenLayout) -> dict[int, str]:
+    names = {lvl: f"L{lvl}" for lvl in range(layout.num_levels)}
+    return names | {layout.sep_slot: "sep", layout.special_slot: "special"}
+
+
+def time_head_forward(head: DraftHead, target, batch_size: int, repeats: int = 200) -> float:
+    """Milliseconds per draft forward of one token per row (cache of 64 positions), median of
+    ``repeats`` timed calls after warm-up."""
+    device = next(head.parameters()).device
+    cache = head.new_cache(batch_size, 64)
+    ids = torch.full((batch_size, 1), 5, dtype=torch.long, device=device)  # [B, 1]
+    feats = torch.randn(batch_size, 1, head.config.hidden_size, device=device)  # [B, 1, H]
+    pos = torch.full((batch_size, 1), 10, dtype=torch.long, device=device)  # [B, 1]
+    embed = target.get_input_embeddings()
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 20):
+            t0 = time.perf_counter()
+            head(ids, feats, pos, step=2, embed=embed, cache=cache)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 20:
+                times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))] if s else 0.0
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    if cfg.engine != "reference":
+        raise UserError(f"unknown engine {cfg.engine!r}")
+    paths = ArtifactPaths(cfg.artifacts)
+    info = paths.read_build_info()
+    preset = get_preset(info["preset"])
+    if "ar" not in cfg.methods:
+        raise UserError("--methods must include ar (the baseline for speedup and identical_rate)")
+    for name in cfg.methods:
+        if name != "ar" and not (paths.head(name) / "config.json").exists():
+            raise UserError(f"unknown method {name!r}: no head at {paths.head(name)} (train it with `padrec build`)")
+    catalog = Catalog.load(paths.root)
+    split = leave_one_out(load_dataset(info["dataset"], cfg.data_dir).sequences)
+    k = cfg.num_draft_tokens or preset.num_draft_tokens
+    target = load_target(paths.target, device=cfg.device)
+    heads: dict[str, DraftHead | None] = {"ar": None}
+    for name in cfg.methods:
+        if name != "ar":
+            heads[name] = load_head(paths.head(name), device=cfg.device, dtype=torch.float32).eval()
+    users = sample_test_users(split, catalog, preset.history, cfg.users, cfg.seed + 1)
+    prompts = [list(p) for p in users.prompts]
+    limit = max_new_tokens(catalog, preset.list_len)
+
+    def run(name: str, chunk: list[list[int]]) -> tuple[list[RequestResult], float]:
+        t0 = time.perf_counter()
+        res = generate(target, chunk, max_new_tokens=limit, eos_id=EOS_ID, batch_size=len(chunk),
+                       head=heads[name], num_draft_tokens=k if heads[name] is not None else None)
+        if cfg.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return res, time.perf_counter() - t0
+
+    names = list(heads)
+    for name in names:  # warm-up, excluded
+        run(name, prompts[: cfg.batch_size])
+    results: dict[str, list[RequestResult]] = {n: [] for n in names}
+    wall = {n: 0.0 for n in names}
+    latency: dict[str, list[float]] = {n: [] for n in names}
+    for i, start in enumerate(range(0, len(prompts), cfg.batch_size)):
+        chunk = prompts[start : start + cfg.batch_size]
+        for name in names if i % 2 == 0 else names[::-1]:
+            res, secs = run(name, chunk)
+            results[name] += res
+            wall[name] += secs
+            latency[name] += [1000 * secs] * len(chunk)
+    quality = list_quality(catalog, [r.tokens for r in results["ar"]], users.targets).as_dict()
+    snames = slot_names(catalog.layout)
+    methods = {}
+    for name in names:
+        agg = aggregate(results[name])
+        methods[name] = {
+            "wall_s": wall[name],
+            "tokens_per_s": agg.num_tokens / wall[name],
+            "latency_ms": {"p50": statistics.median(latency[name]), "p95": _percentile(latency[name], 0.95)},
+            "tau": agg.tau,
+            "accept_by_pos": agg.accept_rate_by_pos,
+            "accept_by_slot": {snames[s]: r for s, r in agg.accept_rate_by_slot.items()},
+            "speedup": wall["ar"] / wall[name],
+            "identical_rate": identical_output_rate(results[name], results["ar"]),
+            "head_forward_ms": time_head_forward(heads[name], target, cfg.batch_size) if heads[name] else None,
+        }
+    return {
+        "dataset": info["dataset"], "preset": info["preset"], "engine": cfg.engine,
+        "device": _device_name(cfg.device), "users": len(prompts), "k": k, "batch_size": cfg.batch_size,
+        "quality": {key: quality[key] for key in ("recall_at_10", "ndcg_at_10", "invalid_item_rate", "duplicate_rate")},
+        "methods": methods,
+    }
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def format_table(result: dict) -> list[str]:
+    head = f"{'method':16s} {'tau':>5s} {'speedup':>7s} {'tok/s':>8s} {'p50 ms':>8s} {'p95 ms':>8s} {'ident':>6s}  accept by position"
+    rows = [f"{result['dataset']} ({result.get('preset', '?')}), engine {result['engine']}, {result['device']}, "
+            f"{result['users']} users, batch {result['batch_size']}, K={result['k']}", head]
+    for name, m in result["methods"].items():
+        acc = " ".join(f"{a:.2f}" for a in m["accept_by_pos"])
+        rows.append(f"{name:16s} {m['tau']:5.2f} {m['speedup']:7.2f} {m['tokens_per_s']:8.0f} "
+                    f"{m['latency_ms']['p50']:8.1f} {m['latency_ms']['p95']:8.1f} {m['identical_rate']:6.3f}  {acc}")
+    q = result["quality"]
+    rows.append(f"quality (ar lists): Recall@10 {q['recall_at_10']:.4f}  NDCG@10 {q['ndcg_at_10']:.4f}  "
+                f"invalid {q['invalid_item_rate']:.4f}  duplicates {q['duplicate_rate']:.4f}")
+    return rows
+
+
+def plot_acceptance(result: dict, path: Path) -> None:
+    """Two panels: acceptance rate by draft position and by item slot, one bar group per head."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heads = [n for n, m in result["methods"].items() if m["accept_by_pos"]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / max(1, len(heads))
+    for i, name in enumerate(heads):
+        m = result["methods"][name]
+        pos = range(1, len(m["accept_by_pos"]) + 1)
+        ax1.bar([p + (i - (len(heads) - 1) / 2) * width for p in pos], m["accept_by_pos"], width, label=f"{name} (tau {m['tau']:.2f})")
+        slots = list(m["accept_by_slot"])
+        ax2.bar([j + (i - (len(heads) - 1) / 2) * width for j in range(len(slots))],
+                [m["accept_by_slot"][s] for s in slots], width, label=name)
+        ax2.set_xticks(range(len(slots)), slots)
+    ax1.set(xlabel="draft position", ylabel="acceptance rate", ylim=(0, 1), title="by draft position")
+    ax2.set(xlabel="item slot of the drafted token", ylim=(0, 1), title="by item slot (given the chain reached it)")
+    ax1.legend()
+    fig.suptitle(f"{result['dataset']} ({result.get('preset', '?')}), {result['engine']} engine, batch {result['batch_size']}, K={result['k']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(result: dict, json_path: Path | None, plot_path: Path | None) -> None:
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+    if plot_path:
+        plot_path.parent.mkdir(parents=True, exist_ok=True)
+        plot_acceptance(result, plot_path)

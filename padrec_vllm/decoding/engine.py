@@ -1,0 +1,217 @@
+"""Reference engine: batched greedy and chain speculative decoding in plain PyTorch.
+
+Works with any Hugging Face causal LM that has ``.model`` (returning post-final-norm hidden
+states, the features) and ``.lm_head`` — LlamaForCausalLM, Qwen2ForCausalLM. It knows nothing
+about tokenization: prompts and outputs are token-id lists. With a drafter, the output is the
+target's greedy output (token for token, up to floating-point ties).
+
+Batching: prompts are taken ``batch_size`` at a time, in order; each batch is right-padded and
+prefilled in one forward; rows leave the batch when they finish (``eos`` emitted — it is kept in
+the output — or ``max_new_tokens`` reached). Per-row acceptance: rows of one round keep different
+numbers of tokens; the target's cache marks the rest as holes (``kv.TargetKV``), the head's cache
+is addressed by position and needs no rollback (``heads.HeadCache``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from padrec_vllm.decoding.kv import TargetKV
+from padrec_vllm.decoding.protocol import Drafter
+from padrec_vllm.decoding.results import RequestResult
+from padrec_vllm.decoding.speculative import accepted_prefix, draft_chain
+
+
+@dataclass
+class _Row:
+    """Mutable per-request accumulator; frozen into a RequestResult at the end."""
+
+    num_drafts: int
+    tokens: list[int] = field(default_factory=list)
+    target_forwards: int = 0
+    draft_forwards: int = 0
+    by_pos: list[list[int]] = field(default_factory=list)
+    by_slot: dict[int, list[int]] = field(default_factory=dict)
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.by_pos = [[0, 0] for _ in range(self.num_drafts)]
+
+    def emit(self, new_tokens: list[int], max_new_tokens: int, eos_id: int | None) -> bool:
+        """Append tokens up to eos / the budget; True when the request is finished."""
+        for tok in new_tokens:
+            self.tokens.append(tok)
+            if tok == eos_id or len(self.tokens) >= max_new_tokens:
+                return True
+        return False
+
+    def count_round(self, drafts: list[int], accepted: int, slots: list[int] | None) -> None:
+        self.target_forwards += 1
+        self.draft_forwards += len(drafts)
+        for j in range(len(drafts)):
+            self.by_pos[j][1] += 1
+            self.by_pos[j][0] += j < accepted
+        if slots is not None:
+            for j in range(min(accepted + 1, len(drafts))):
+                acc_prop = self.by_slot.setdefault(slots[drafts[j]], [0, 0])
+                acc_prop[0] += j < accepted
+                acc_prop[1] += 1
+
+    def result(self) -> RequestResult:
+        decoded = len(self.tokens) - 1  # the first token comes from prefill
+        return RequestResult(
+            tokens=list(self.tokens),
+            tau=decoded / self.target_forwards if self.target_forwards else 0.0,
+            accept_by_pos=[(a, p) for a, p in self.by_pos],
+            accept_by_slot={s: (a, p) for s, (a, p) in sorted(self.by_slot.items())},
+            target_forwards=self.target_forwards,
+            draft_forwards=self.draft_forwards,
+            prefill_s=self.prefill_s,
+            draft_s=self.draft_s,
+            verify_s=self.verify_s,
+        )
+
+
+def generate(
+    target: nn.Module,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int | None,
+    batch_size: int,
+    head: Drafter | None = None,
+    num_draft_tokens: int | None = None,
+    slot_of_token: torch.Tensor | list[int] | None = None,
+) -> list[RequestResult]:
+    """Greedy-decode every prompt; with ``head``, by chain speculative decoding.
+
+    ``num_draft_tokens`` (K) defaults to ``head.num_steps``. ``slot_of_token`` [V] (default: the
+    head's table, if any) enables ``accept_by_slot``. Results are in prompt order.
+    """
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError("max_new_tokens and batch_size must be >= 1")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    num_drafts = 0
+    if head is not None:
+        num_drafts = num_draft_tokens or getattr(head, "num_steps", 0)
+        if num_drafts < 1:
+            raise ValueError("speculative decoding needs num_draft_tokens >= 1")
+    if slot_of_token is None and head is not None:
+        slot_of_token = getattr(head, "slot_of_token", None)
+    slots = torch.as_tensor(slot_of_token).tolist() if slot_of_token is not None else None
+    results: list[RequestResult] = []
+    with torch.inference_mode():
+        for start in range(0, len(prompts), batch_size):
+            rows = _decode_batch(
+                target, prompts[start : start + batch_size], head, num_drafts,
+                max_new_tokens=max_new_tokens, eos_id=eos_id, slots=slots,
+            )
+            results.extend(row.result() for row in rows)
+    return results
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _charge(rows: list[_Row], alive: list[int], phase: str, seconds: float) -> None:
+    """Split a batch-level phase time evenly among the rows that took part."""
+    for i in alive:
+        setattr(rows[i], phase, getattr(rows[i], phase) + seconds / len(alive))
+
+
+def _decode_batch(
+    target: nn.Module,
+    prompts: list[list[int]],
+    head: Drafter | None,
+    num_drafts: int,
+    *,
+    max_new_tokens: int,
+    eos_id: int | None,
+    slots: list[int] | None,
+) -> list[_Row]:
+    device = next(target.parameters()).device
+    b = len(prompts)
+    rows = [_Row(num_drafts) for _ in prompts]
+    alive = list(range(b))  # batch row -> index into rows
+    embed, lm_head = target.get_input_embeddings(), target.lm_head
+
+    t0 = _clock(device)
+    lens = torch.tensor([len(p) for p in prompts], device=device)  # [B]
+    ids = torch.zeros(b, int(lens.max()), dtype=torch.long, device=device)  # [B, T]
+    for r, p in enumerate(prompts):
+        ids[r, : len(p)] = torch.tensor(p, device=device)
+    kv = TargetKV(target, b, device)
+    feats = kv.forward_block(ids)  # [B, T, H]
+    kv.keep(lens)
+    ar = torch.arange(b, device=device)  # [B]
+    nxt = lm_head(feats[ar, lens - 1]).argmax(-1)  # [B]: x_n
+    finished = [rows[r].emit([tok], max_new_tokens, eos_id) for r, tok in enumerate(nxt.tolist())]
+    _charge(rows, alive, "prefill_s", _clock(device) - t0)
+
+    if head is not None:
+        hcache = head.new_cache(b, ids.shape[1] + max_new_tokens + num_drafts + 1)
+        # pending head inputs (f_p, x_{p+1}) at positions start..start+count-1, right-padded
+        h_ids = ids.roll(-1, dims=1)  # [B, T]
+        h_ids[ar, lens - 1] = nxt
+        h_feats, h_count = feats, lens  # [B, T, H], [B]
+        h_pos = torch.arange(ids.shape[1], device=device).expand(b, -1)  # [B, T]
+
+    while True:
+        if any(finished):
+            keep = [i for i, f in enumerate(finished) if not f]
+            alive = [alive[i] for i in keep]
+            if not alive:
+                break
+            sel = torch.tensor(keep, device=device)  # [B']
+            kv.select(sel)
+            nxt = nxt[sel]
+            if head is not None:
+                hcache.select(sel)
+                h_ids, h_feats, h_count, h_pos = h_ids[sel], h_feats[sel], h_count[sel], h_pos[sel]
+
+        if head is None:
+            t0 = _clock(device)
+            feats = kv.forward_block(nxt[:, None])  # [B, 1, H]
+            kv.keep(torch.ones_like(nxt))
+            nxt = lm_head(feats[:, 0]).argmax(-1)  # [B]
+            finished = []
+            for i, tok in enumerate(nxt.tolist()):
+                rows[alive[i]].target_forwards += 1
+                finished.append(rows[alive[i]].emit([tok], max_new_tokens, eos_id))
+            _charge(rows, alive, "verify_s", _clock(device) - t0)
+            continue
+
+        t0 = _clock(device)
+        drafts = draft_chain(
+            head, embed, lm_head, hcache, h_ids, h_feats, h_pos, h_count, num_drafts
+        )  # [B, K]
+        t1 = _clock(device)
+        _charge(rows, alive, "draft_s", t1 - t0)
+
+        start = kv.lengths.clone()  # [B]: position of x_n
+        block = torch.cat((nxt[:, None], drafts), dim=1)  # [B, K+1]
+        feats = kv.forward_block(block)  # [B, K+1, H]
+        verified = lm_head(feats).argmax(-1)  # [B, K+1]
+        accepted = accepted_prefix(drafts, verified)  # [B]
+        kv.keep(accepted + 1)
+        nxt = verified[torch.arange(len(alive), device=device), accepted]  # [B]: the next x_n
+        # the kept positions n..n+a become the head's pending inputs: (f_{n+j}, x_{n+j+1})
+        h_ids, h_feats, h_count = verified, feats, accepted + 1
+        h_pos = start[:, None] + torch.arange(num_drafts + 1, device=device)  # [B, K+1]
+        finished = []
+        for i, (d, v, a) in enumerate(zip(drafts.tolist(), verified.tolist(), accepted.tolist())):
+            row = rows[alive[i]]
+            row.count_round(d, a, slots)
+            finished.append(row.emit(v[: a + 1], max_new_tokens, eos_id))
+        _charge(rows, alive, "verify_s", _clock(device) - t1)
+    return rows

@@ -1,0 +1,69 @@
+"""Head training on the tiny build and the side-by-side benchmark (lossless on tiny)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from padrec_vllm.artifacts import ArtifactPaths
+from padrec_vllm.bench import BenchConfig, format_table, run_bench, write_outputs
+from padrec_vllm.cli import main
+from padrec_vllm.model.head_checkpoint import load_head
+from padrec_vllm.model.target import load_target
+from padrec_vllm.train.heads import unrolled_loss
+
+
+def test_build_trains_both_heads(tiny_artifacts):
+    paths = ArtifactPaths(tiny_artifacts)
+    info = paths.read_build_info()
+    for kind in ("eagle", "padrec"):
+        head = load_head(paths.head(kind))
+        assert head.config.kind == kind and head.config.num_steps == 3
+        assert info["train_heads"][kind]["steps"] == 40
+    cfg = json.loads((paths.head("padrec") / "config.json").read_text())
+    assert cfg["architectures"] == ["EaglePadRecLlamaForCausalLM"] and cfg["num_hidden_layers"] == 1
+
+
+def test_unrolled_training_sees_every_step(tiny_artifacts):
+    paths = ArtifactPaths(tiny_artifacts)
+    target = load_target(paths.target)
+    head = load_head(paths.head("padrec"))
+    seen = []
+    original = head.forward
+
+    def spy(*args, step, **kw):
+        seen.append(step)
+        return original(*args, step=step, **kw)
+
+    head.forward = spy
+    ids = torch.randint(5, target.config.vocab_size, (2, 12))
+    feats = torch.randn(2, 12, target.config.hidden_size)
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[:, 4:10] = True
+    loss, _ = unrolled_loss(head, target, ids, feats, mask, torch.ones(2, 12, dtype=torch.long), 3, 1.0)
+    assert seen == [1, 2, 3] and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_bench_is_lossless_and_shaped(tiny_artifacts, synth_data_dir, batch_size, tmp_path):
+    result = run_bench(BenchConfig(artifacts=tiny_artifacts, methods=("ar", "eagle", "padrec"), users=12,
+                                   batch_size=batch_size, data_dir=str(synth_data_dir)))
+    assert {"dataset", "engine", "device", "users", "k", "batch_size", "quality", "methods"} <= set(result)
+    assert set(result["quality"]) == {"recall_at_10", "ndcg_at_10", "invalid_item_rate", "duplicate_rate"}
+    for name in ("ar", "eagle", "padrec"):
+        m = result["methods"][name]
+        assert m["identical_rate"] == 1.0
+        assert {"wall_s", "tokens_per_s", "latency_ms", "tau", "accept_by_pos", "accept_by_slot", "speedup"} <= set(m)
+    assert result["methods"]["ar"]["tau"] == 1.0 and result["methods"]["padrec"]["tau"] >= 1.0
+    assert len(result["methods"]["padrec"]["accept_by_pos"]) == 3
+    write_outputs(result, tmp_path / "b.json", tmp_path / "b.png")
+    assert (tmp_path / "b.png").stat().st_size > 1000 and len(format_table(result)) == 6
+
+
+def test_bench_cli_errors(tiny_artifacts, capsys):
+    assert main(["bench", "--artifacts", str(tiny_artifacts), "--methods", "ar,medusa"]) == 2  # before data
+    assert "unknown method 'medusa'" in capsys.readouterr().err
+    assert main(["bench", "--artifacts", str(tiny_artifacts), "--methods", "eagle"]) == 2
+    assert main(["train-heads", "--artifacts", str(tiny_artifacts), "--heads", "foo"]) == 2

@@ -1,0 +1,227 @@
+"""Reference engine: greedy against a cache-free loop, speculative decoding lossless against greedy,
+and its figures (tau, acceptance per position and slot, step indices) with drafters whose
+behaviour is known exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from padrec_vllm.decoding import aggregate, generate, identical_output_rate
+from tiny_models import LAYOUT, random_prompts, tiny_head, tiny_target
+
+K = 3
+LENGTHS = [5, 9, 3, 12]  # mixed prompt lengths, batch of 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny matmuls: OpenMP threads only spin against whatever else runs on the machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return random_prompts(LENGTHS, seed=3)
+
+
+@pytest.fixture(scope="module")
+def reference(target, prompts):
+    """Plain greedy completions, no eos, 24 tokens."""
+    return [r.tokens for r in generate(target, prompts, max_new_tokens=24, eos_id=None, batch_size=4)]
+
+
+@pytest.fixture(scope="module")
+def eos(reference):
+    """A token that first appears mid-way in request 0's greedy output: it ends request 0 there."""
+    row = reference[0]
+    return next(tok for i, tok in enumerate(row) if i >= 5 and tok not in row[:i])
+
+
+class HistoryCache:
+    """Per row and position p, the token x_{p+1} the drafter was fed (position-addressed)."""
+
+    def __init__(self, batch_size: int, capacity: int) -> None:
+        self.tokens = torch.full((batch_size, capacity), -1, dtype=torch.long)  # [B, S]
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.tokens = self.tokens[rows]
+
+
+class TableDrafter:
+    """Drafts from known greedy outputs: history x_1..x_{p+1} -> x_{p+2}.
+
+    mode "oracle" proposes the target's own token, "wrong" never does, "noisy" is wrong whenever
+    the history's token sum is a multiple of 3 (so rows accept different, partial counts).
+    Its "features" are one-hot proposals; ``logits`` passes them through.
+    """
+
+    def __init__(self, prompts, completions, mode: str) -> None:
+        self.next: dict[tuple[int, ...], int] = {}
+        for p, c in zip(prompts, completions):
+            seq = p + c
+            for i in range(2, len(seq)):
+                self.next[tuple(seq[1:i])] = seq[i]
+        self.mode, self.num_steps, self.steps = mode, K, []
+
+    def new_cache(self, batch_size: int, capacity: int) -> HistoryCache:
+        return HistoryCache(batch_size, capacity)
+
+    def __call__(self, input_ids, features, position_ids, *, step, embed, cache):
+        self.steps.append(step)
+        b, t = input_ids.shape
+        cache.tokens[torch.arange(b)[:, None], position_ids] = input_ids
+        out = torch.zeros(b, t, LAYOUT.vocab_size)
+        for r in range(b):
+            for i in range(t):
+                history = tuple(cache.tokens[r, : int(position_ids[r, i]) + 1].tolist())
+                tok = self.next.get(history, 0)
+                if self.mode == "wrong" or (self.mode == "noisy" and sum(history) % 3 == 0):
+                    tok = (tok + 1) % LAYOUT.vocab_size
+                out[r, i, tok] = 1.0
+        return out
+
+    def logits(self, hidden, lm_head):
+        return hidden
+
+
+class StepSpy:
+    """Wraps a drafter and records the draft step index of every call."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.steps = inner, []
+
+    def __call__(self, *args, step, **kwargs):
+        self.steps.append(step)
+        return self.inner(*args, step=step, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def _naive_greedy(target, prompt, max_new_tokens, eos_id):
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            tok = int(target(input_ids=torch.tensor([seq])).logits[0, -1].argmax())
+            seq.append(tok)
+            if tok == eos_id:
+                break
+    return seq[len(prompt) :]
+
+
+def _check_stops(results, max_new_tokens, eos_id):
+    for r in results:
+        assert 1 <= len(r.tokens) <= max_new_tokens
+        assert eos_id not in r.tokens[:-1]
+        assert r.tokens[-1] == eos_id or len(r.tokens) == max_new_tokens
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_greedy_matches_cache_free_loop(target, prompts, eos, batch_size):
+    results = generate(target, prompts, max_new_tokens=16, eos_id=eos, batch_size=batch_size)
+    assert [r.tokens for r in results] == [_naive_greedy(target, p, 16, eos) for p in prompts]
+    _check_stops(results, 16, eos)
+    assert results[0].tokens[-1] == eos
+    assert all(r.tau == 1.0 and r.draft_forwards == 0 for r in results if len(r.tokens) > 1)
+
+
+@pytest.mark.parametrize("kind", ["eagle", "padrec"])
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_speculative_is_lossless_with_real_heads(target, prompts, eos, kind, batch_size):
+    head = tiny_head(target, kind, num_steps=K)
+    plain = generate(target, prompts, max_new_tokens=20, eos_id=eos, batch_size=batch_size)
+    spec = generate(target, prompts, max_new_tokens=20, eos_id=eos, batch_size=batch_size, head=head)
+    assert identical_output_rate(spec, plain) == 1.0
+    _check_stops(spec, 20, eos)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_speculative_is_lossless_with_partial_acceptance(target, prompts, reference, eos, batch_size):
+    drafter = TableDrafter(prompts, reference, "noisy")
+    plain = generate(target, prompts, max_new_tokens=20, eos_id=eos, batch_size=batch_size)
+    spec = generate(target, prompts, max_new_tokens=20, eos_id=eos, batch_size=batch_size, head=drafter)
+    assert [r.tokens for r in spec] == [r.tokens for r in plain]
+    _check_stops(spec, 20, eos)
+    agg = aggregate(spec)
+    assert 1.0 < agg.tau < K + 1  # partial acceptance, so the rollback paths ran
+    assert len({r.target_forwards for r in spec}) > 1
+
+
+def test_oracle_drafter_gives_tau_k_plus_one(target, prompts, reference):
+    rounds = 4
+    max_new = 1 + rounds * (K + 1)  # prefill emits 1 token, each round K+1: no clipping
+    spec = generate(
+        target, prompts, max_new_tokens=max_new, eos_id=None, batch_size=4,
+        head=TableDrafter(prompts, reference, "oracle"), slot_of_token=LAYOUT.slot_tensor(),
+    )
+    assert [r.tokens for r in spec] == [c[:max_new] for c in reference]
+    for r in spec:
+        assert r.tau == K + 1
+        assert r.target_forwards == rounds and r.draft_forwards == rounds * K
+        assert r.accept_by_pos == [(rounds, rounds)] * K
+        # every draft was judged and accepted; slots are those of the drafted tokens
+        drafted = [tok for i in range(rounds) for tok in r.tokens[1 + i * (K + 1) :][:K]]
+        want: dict[int, tuple[int, int]] = {}
+        for tok in drafted:
+            n = want.get(LAYOUT.decode_id(tok)[0], (0, 0))[0] + 1
+            want[LAYOUT.decode_id(tok)[0]] = (n, n)
+        assert r.accept_by_slot == dict(sorted(want.items()))
+    assert aggregate(spec).tau == K + 1
+
+
+def test_wrong_drafter_gives_tau_one(target, prompts, reference):
+    spec = generate(
+        target, prompts, max_new_tokens=10, eos_id=None, batch_size=4,
+        head=TableDrafter(prompts, reference, "wrong"), slot_of_token=LAYOUT.slot_table(),
+    )
+    assert [r.tokens for r in spec] == [c[:10] for c in reference]
+    for r in spec:
+        assert r.tau == 1.0 and r.target_forwards == 9
+        assert r.accept_by_pos == [(0, 9)] * K
+        # only the first draft of a round is judged
+        assert sum(p for _, p in r.accept_by_slot.values()) == 9
+        assert sum(a for a, _ in r.accept_by_slot.values()) == 0
+
+
+def test_draft_steps_run_1_to_k_each_round(target, prompts):
+    spy = StepSpy(tiny_head(target, "padrec", num_steps=K))
+    results = generate(target, prompts[:2], max_new_tokens=9, eos_id=None, batch_size=1, head=spy)
+    rounds = sum(r.target_forwards for r in results)
+    assert rounds > 0 and spy.steps == list(range(1, K + 1)) * rounds
+
+
+def test_clipping_at_budget_and_eos(target, prompts, reference):
+    oracle = TableDrafter(prompts, reference, "oracle")
+    # budget 6: prefill 1 + a full round of 4 + 1 of the next round's 4
+    spec = generate(target, prompts, max_new_tokens=6, eos_id=None, batch_size=4, head=oracle)
+    assert [r.tokens for r in spec] == [c[:6] for c in reference]
+    assert all(r.target_forwards == 2 for r in spec)
+    # eos in the middle of an accepted run ends the request there
+    row = reference[1]
+    stop = next(tok for i, tok in enumerate(row) if i >= 2 and tok not in row[:i])
+    spec = generate(target, prompts[1:2], max_new_tokens=20, eos_id=stop, batch_size=1, head=oracle)
+    assert spec[0].tokens == row[: row.index(stop) + 1]
+
+
+def test_aggregate_sums(target, prompts, reference):
+    spec = generate(
+        target, prompts, max_new_tokens=12, eos_id=None, batch_size=2,
+        head=TableDrafter(prompts, reference, "noisy"), slot_of_token=LAYOUT.slot_table(),
+    )
+    agg = aggregate(spec)
+    assert agg.num_requests == 4 and agg.num_tokens == sum(len(r.tokens) for r in spec)
+    assert agg.target_forwards == sum(r.target_forwards for r in spec)
+    assert agg.tau == pytest.approx((agg.num_tokens - 4) / agg.target_forwards)
+    assert agg.accept_by_pos[0][1] == agg.target_forwards
+    assert all(0.0 <= x <= 1.0 for x in agg.accept_rate_by_pos + list(agg.accept_rate_by_slot.values()))
+    assert agg.total_s == pytest.approx(sum(r.total_s for r in spec))
+    assert all(r.prefill_s > 0 and r.draft_s > 0 and r.verify_s > 0 for r in spec)

@@ -1,0 +1,39 @@
+"""Target training smoke test on the tiny preset and the evaluation it feeds."""
+
+from __future__ import annotations
+
+import json
+
+from padrec_vllm.artifacts import ArtifactPaths
+from padrec_vllm.catalog.catalog import Catalog
+from padrec_vllm.catalog.tokens import EOS_ID
+from padrec_vllm.cli import main
+from padrec_vllm.decoding import generate
+from padrec_vllm.model.target import load_target
+
+
+def test_tiny_build_trains_and_evaluates(tiny_artifacts):
+    paths = ArtifactPaths(tiny_artifacts)
+    info = paths.read_build_info()
+    train = info["train_target"]
+    assert train["steps"] == 60 and train["tokens"] > 0
+    assert train["final_loss"] < 3.0  # uniform over the tiny vocabulary would be ~4.3
+    result = json.loads(paths.eval_file.read_text())
+    assert result["users"] == 50
+    for name in ("target", "most_popular"):
+        assert 0.0 <= result[name]["recall_at_10"] <= 1.0
+    # transformers reloads the checkpoint and the tokenizer sits next to it (vLLM needs both)
+    model = load_target(paths.target)
+    assert (paths.target / "tokenizer.json").is_file()
+    catalog = Catalog.load(tiny_artifacts)
+    prompt = catalog.prompt_ids([1, 2, 3], 5)
+    out = generate(model, [prompt], max_new_tokens=21, eos_id=EOS_ID, batch_size=1)[0]
+    assert 1 <= len(out.tokens) <= 21
+
+
+def test_eval_command_writes_json(tiny_artifacts, synth_data_dir, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--artifacts", str(tiny_artifacts), "--data-dir", str(synth_data_dir),
+                 "--users", "20", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["users"] == 20 and "Recall@10" in capsys.readouterr().out
