@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--device", default="cpu", type=_device)
     build.add_argument("--train-budget-s", type=_positive_int, default=None,
                        help="stop target training after this many seconds (default: run all steps)")
+    build.add_argument("--no-eval", action="store_true", help="skip the evaluation stage (run `padrec eval` later)")
 
     ev = sub.add_parser("eval", help="evaluate the target of an artifacts dir on test users")
     ev.add_argument("--artifacts", required=True)
@@ -139,7 +140,7 @@ def _cmd_build(args) -> None:
     from padrec_vllm.presets import get_preset
 
     build(args.dataset, get_preset(args.preset), Path(args.out), args.data_dir, args.device, args.embedding,
-          args.train_budget_s)
+          args.train_budget_s, evaluate=not args.no_eval)
 
 
 def _cmd_eval(args) -> None:
@@ -153,6 +154,8 @@ def _cmd_eval(args) -> None:
     dataset = load_dataset(info["dataset"], args.data_dir)
     result = run_eval(dataset, paths, get_preset(info["preset"]), args.device, args.users, args.batch_size)
     print("\n".join(format_eval(result)))
+    if not paths.eval_file.exists():
+        paths.eval_file.write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

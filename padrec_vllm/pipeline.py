@@ -113,7 +113,8 @@ def format_eval(result: dict) -> list[str]:
 
 
 def build(dataset_name: str, preset: TargetPreset, out: Path, data_dir: str | None = None,
-          device: str = "cpu", embedding: str = "auto", train_budget_s: float | None = None) -> dict:
+          device: str = "cpu", embedding: str = "auto", train_budget_s: float | None = None,
+          evaluate: bool = True) -> dict | None:
     """Run every stage; returns the evaluation dict (also in ``eval.json``)."""
     paths = ArtifactPaths(Path(out))
     dataset = load_dataset(dataset_name, data_dir)
@@ -135,12 +136,13 @@ def build(dataset_name: str, preset: TargetPreset, out: Path, data_dir: str | No
         info["train_target"] = train
         info["timings_s"]["train_target"] = time.perf_counter() - t0
     paths.write_build_info(info)
+    result = None
     if paths.eval_file.exists():
         result = json.loads(paths.eval_file.read_text())
-    else:
+    elif evaluate:
         result = run_eval(dataset, paths, preset, device)
         paths.eval_file.write_text(json.dumps(result, indent=2) + "\n")
-    for line in format_eval(result):
+    for line in format_eval(result) if result else ["evaluation skipped (run `padrec eval`)"]:
         log(line)
     t0 = time.perf_counter()
     heads = run_train_heads(dataset, paths, preset, device)

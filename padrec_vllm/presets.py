@@ -48,7 +48,7 @@ PRESETS: dict[str, TargetPreset] = {
                      head_steps=500, head_users=3000),
         TargetPreset("bench", num_layers=8, hidden_size=384, num_heads=6, intermediate_size=1024,
                      batch_size=256, lr=1e-3, max_steps=6000, warmup_steps=300, eval_users=22363,
-                     head_steps=2000, head_users=22363, head_batch_size=128),
+                     head_steps=1500, head_users=8000, head_batch_size=128),
     )
 }
 

