@@ -82,6 +82,10 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def run_bench(cfg: BenchConfig) -> dict:
+    if cfg.engine == "vllm":
+        from padrec_vllm.vllm_plugin.bench import run_vllm_bench
+
+        return run_vllm_bench(cfg)
     if cfg.engine != "reference":
         raise UserError(f"unknown engine {cfg.engine!r}")
     paths = ArtifactPaths(cfg.artifacts)

@@ -101,9 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="plain vs speculative decoding, side by side")
     bench.add_argument("--artifacts", required=True)
     bench.add_argument("--data-dir", default=None)
-    bench.add_argument("--engine", default="reference", choices=["reference"])
+    bench.add_argument("--engine", default="reference", choices=["reference", "vllm"])
     bench.add_argument("--methods", type=_csv, default=("ar", "eagle", "padrec"),
-                       help="comma-separated: ar and head names under DIR/heads/")
+                       help="comma-separated: ar, ngram (vllm engine only) and head names under DIR/heads/")
     bench.add_argument("--users", type=_positive_int, default=200)
     bench.add_argument("--batch-size", type=_positive_int, default=1)
     bench.add_argument("--k", type=_positive_int, default=None, help="draft tokens per round (default: preset's)")

@@ -1,7 +1,7 @@
 """Named training presets: target size, data budget and evaluation size, one frozen record each.
 
 Training cost on the 2-core development machines (Hugging Face Llama, bf16 autocast):
-``tiny`` < 1 min, ``demo`` <= 10 min for the whole ``padrec build``, ``bench`` is meant for a
+``tiny`` < 1 min (head size 32: the smallest vLLM's CPU attention supports), ``demo`` <= 10 min for the whole ``padrec build``, ``bench`` is meant for a
 GPU (seconds) or an hours-long background job on CPU.
 """
 
@@ -39,7 +39,7 @@ class TargetPreset:
 PRESETS: dict[str, TargetPreset] = {
     p.name: p
     for p in (
-        TargetPreset("tiny", num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128,
+        TargetPreset("tiny", num_layers=2, hidden_size=64, num_heads=2, intermediate_size=128,
                      history=5, list_len=4, batch_size=32, lr=3e-3, max_steps=60, warmup_steps=10,
                      max_train_users=300, eval_users=50, codebook_size=16,
                      head_steps=40, head_users=64, head_batch_size=16, num_draft_tokens=3),

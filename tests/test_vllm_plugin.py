@@ -35,11 +35,14 @@ def test_register_is_idempotent():
     from vllm.v1.worker.gpu.spec_decode.eagle.speculator import EagleSpeculator
 
     plugin.register()
-    hooks = (EagleProposer.build_per_group_and_layer_attn_metadata, EagleSpeculator.load_model)
+    def hooks():
+        return EagleProposer.build_per_group_and_layer_attn_metadata, EagleSpeculator.load_model
+
+    first = hooks()
     plugin.register()
     step.install()  # a second install (e.g. a reset flag) must not wrap twice
-    assert (EagleProposer.build_per_group_and_layer_attn_metadata, EagleSpeculator.load_model) == hooks
-    for hook in hooks:
+    assert hooks() == first
+    for hook in first:
         assert getattr(hook, step.HOOK_MARK)
         assert not getattr(hook.__wrapped__, step.HOOK_MARK, False)
     assert plugin.ARCHITECTURE in ModelRegistry.get_supported_archs()
@@ -76,7 +79,8 @@ def test_v1_proposer_builds_metadata_before_every_draft_forward():
     from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
 
     assert issubclass(EagleProposer, SpecDecodeBaseProposer)
-    params = inspect.signature(SpecDecodeBaseProposer.build_per_group_and_layer_attn_metadata).parameters
+    build = SpecDecodeBaseProposer.build_per_group_and_layer_attn_metadata
+    params = inspect.signature(build).parameters
     assert list(params)[:3] == ["self", "common_attn_metadata", "draft_index"]
     src = inspect.getsource(SpecDecodeBaseProposer.propose)
     first = src.index("self.build_per_group_and_layer_attn_metadata(common_attn_metadata)")
@@ -104,7 +108,7 @@ def test_v2_speculator_keeps_current_draft_step():
 
 def test_missing_symbol_is_named():
     symbol = ("vllm.v1.spec_decode.eagle", "EagleProposer", "no_such_method")
-    with pytest.raises(step.PatchError, match="vllm.v1.spec_decode.eagle.EagleProposer.no_such_method"):
+    with pytest.raises(step.PatchError, match=r"eagle\.EagleProposer\.no_such_method"):
         step._install_one(symbol, step._v1_hook, ("self",))
     with pytest.raises(step.PatchError, match="no_such_module"):
         step._install_one(("no_such_module", "X", "y"), step._v1_hook, ("self",))
@@ -186,7 +190,8 @@ def _reference_head(tmp_path, **switches) -> tuple[DraftHead, object]:
 
     cfg = HeadConfig(kind="padrec", hidden_size=32, intermediate_size=64, num_attention_heads=2,
                      num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0,
-                     max_position_embeddings=128, vocab_size=40, num_slots=5, num_steps=3, **switches)
+                     max_position_embeddings=128, vocab_size=40, num_slots=5, num_steps=3,
+                     **switches)
     gen = torch.Generator().manual_seed(0)
     slots = torch.randint(0, 5, (40,), generator=gen)
     head = DraftHead(cfg, slots)
@@ -200,14 +205,19 @@ def _reference_head(tmp_path, **switches) -> tuple[DraftHead, object]:
 
 def _vllm_terms(head: DraftHead, config, drop: tuple[str, ...] = ()):
     """The vLLM model's PAD-Rec module and outer class, loaded through the checkpoint names."""
-    from padrec_vllm.vllm_plugin.model import EaglePadRecLlamaForCausalLM, PadRecSettings, PadRecTerms
+    from padrec_vllm.vllm_plugin.model import (
+        EaglePadRecLlamaForCausalLM,
+        PadRecSettings,
+        PadRecTerms,
+    )
 
     terms = PadRecTerms(PadRecSettings(config), config.hidden_size)
     outer = EaglePadRecLlamaForCausalLM.__new__(EaglePadRecLlamaForCausalLM)
     nn.Module.__init__(outer)
     outer.model = nn.Module()
     outer.model.padrec = terms
-    weights = [(n, t) for n, t in head.state_dict().items() if n.startswith("padrec.") and n not in drop]
+    weights = [(n, t) for n, t in head.state_dict().items()
+               if n.startswith("padrec.") and n not in drop]
     loaded = outer.load_weights(iter(weights))
     assert loaded == {f"model.{n}" for n, _ in weights}
     return terms, outer

@@ -55,7 +55,8 @@ class PadRecSettings:
             return getattr(config, name)
 
         if field("padrec_kind") != "padrec":
-            raise ValueError(f"{ARCHITECTURE} needs padrec_kind 'padrec', got {config.padrec_kind!r}")
+            raise ValueError(f"{ARCHITECTURE} needs padrec_kind 'padrec', "
+                             f"got {config.padrec_kind!r}")
         self.num_slots = int(field("padrec_num_slots"))
         self.num_steps = int(field("padrec_num_steps"))
         self.use_item_emb = bool(field("padrec_use_item_emb"))
@@ -87,7 +88,8 @@ class PadRecTerms(nn.Module):
         if s.use_gate:
             self.gate = nn.Linear(2 * hidden_size, 1)  # w_g [1, 2H], b_g [1]
         # 0 = pass over verified tokens, then 1..K-1 (written or bound by ``step``)
-        self.register_buffer("draft_index", torch.zeros((), dtype=torch.long), persistent=False)  # []
+        index = torch.zeros((), dtype=torch.long)  # []
+        self.register_buffer("draft_index", index, persistent=False)
 
     def forward(self, u: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """u [T, H] (the output of ``fc``), input_ids [T] (x_{p+1}) -> u [T, H] with both terms."""
@@ -111,7 +113,9 @@ class PadRecTerms(nn.Module):
 class PadRecLlamaModel(LlamaModel):
     """vLLM's EAGLE-1 Llama body plus the PAD-Rec terms (compiled like its parent)."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", start_layer_id: int = 0) -> None:
+    def __init__(
+        self, *, vllm_config: VllmConfig, prefix: str = "", start_layer_id: int = 0
+    ) -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, start_layer_id=start_layer_id)
         self.padrec = PadRecTerms(PadRecSettings(self.config), self.config.hidden_size)
 
@@ -143,7 +147,9 @@ class EaglePadRecLlamaForCausalLM(EagleLlamaForCausalLM):
             self.config.draft_vocab_size = self.config.vocab_size
         target_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
         self.model = PadRecLlamaModel(
-            vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"), start_layer_id=target_layers
+            vllm_config=vllm_config,
+            prefix=maybe_prefix(prefix, "model"),
+            start_layer_id=target_layers,
         )
         self.logits_processor = LogitsProcessor(
             self.config.vocab_size, scale=getattr(self.config, "logit_scale", 1.0)

@@ -27,7 +27,9 @@ from collections.abc import Callable
 import torch
 
 # (module, class, attribute) of every vLLM symbol the hooks rely on
-V1_PROPOSER = ("vllm.v1.spec_decode.eagle", "EagleProposer", "build_per_group_and_layer_attn_metadata")
+V1_PROPOSER = (
+    "vllm.v1.spec_decode.eagle", "EagleProposer", "build_per_group_and_layer_attn_metadata"
+)
 V2_SPECULATOR = ("vllm.v1.worker.gpu.spec_decode.eagle.speculator", "EagleSpeculator", "load_model")
 V2_COUNTER = "current_draft_step"
 HOOK_MARK = "_padrec_step_hook"
@@ -84,15 +86,17 @@ def _v2_hook(original: Callable) -> Callable:
         if head is not None:
             counter = getattr(self, V2_COUNTER, None)
             if not isinstance(counter, torch.Tensor):
-                raise PatchError(f"PAD-Rec vLLM plugin: {type(self).__name__}.{V2_COUNTER} not found "
-                                 "after load_model; this plugin targets vLLM 0.32.0")
+                raise PatchError(f"PAD-Rec vLLM plugin: {type(self).__name__}.{V2_COUNTER} not "
+                                 "found after load_model; this plugin targets vLLM 0.32.0")
             head.bind_draft_index(counter)
         return out
 
     return load_model
 
 
-def _install_one(symbol: tuple[str, str, str], make_hook: Callable, params: tuple[str, ...]) -> None:
+def _install_one(
+    symbol: tuple[str, str, str], make_hook: Callable, params: tuple[str, ...]
+) -> None:
     cls, fn = _resolve(symbol)
     if getattr(fn, HOOK_MARK, False):
         return

@@ -1,0 +1,165 @@
+"""vLLM's ``AsyncLLM`` behind ``padrec_vllm.engine_api.Engine`` (the server's vLLM engine).
+
+One in-process ``AsyncLLM`` (its engine core runs in a child process vLLM spawns), the draft head
+as vLLM's EAGLE speculator: ``speculative_config={"method": "eagle", "model": <head dir>,
+"num_speculative_tokens": K}``. A padrec head resolves to ``EaglePadRecLlamaForCausalLM``
+through this package's plugin entry point, an eagle head to vLLM's stock EAGLE-1.
+
+Per-request figures come from vLLM itself: ``per_request_spec_decode_metrics="detailed"`` gives
+every verify round's accepted / proposed drafts (``CompletionOutput.spec_decode_metrics``), and
+``RequestOutput.metrics`` the engine-core timestamps (queued, scheduled, first and last token).
+Acceptance by item slot is derived from them (``engine_api.generation_from_rounds``).
+
+Calibration (``start``): vLLM cannot switch speculation off per request, so a second engine
+without a speculative config decodes the calibration prompts first and is shut down before the
+speculative engine starts; both runs use the same prompts, settings and machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from padrec_vllm.catalog.tokens import EOS_ID
+from padrec_vllm.engine_api import (
+    Calibration,
+    EngineConfig,
+    EngineError,
+    Generation,
+    calibration_of,
+    generation_from_rounds,
+    load_slot_table,
+)
+
+
+class VllmEngine:
+    name = "vllm"
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self._engine = None
+        self._k = 0
+        self._slots: list[int] | None = None
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return self._k
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self._engine.model_config.max_model_len)
+
+    async def start(self, warmup_prompts: list[list[int]], max_new_tokens: int,
+                    calibrate: bool = True) -> Calibration | None:
+        self._slots = load_slot_table(self.config.artifacts)
+        self._k = self.config.draft_tokens()
+        calibrate = calibrate and self._k > 0 and bool(warmup_prompts)
+        plain: list[Generation] = []
+        plain_s = 0.0
+        if calibrate:
+            engine = await asyncio.to_thread(self._build, False)
+            try:
+                await self._run(engine, warmup_prompts[:2], max_new_tokens, 0)
+                t0 = time.perf_counter()
+                plain = await self._run(engine, warmup_prompts, max_new_tokens, 0)
+                plain_s = time.perf_counter() - t0
+            finally:
+                engine.shutdown()
+        self._engine = await asyncio.to_thread(self._build, self._k > 0)
+        if not warmup_prompts:
+            return None
+        await self._run(self._engine, warmup_prompts[:2], max_new_tokens, self._k)
+        if not calibrate:
+            return None
+        t0 = time.perf_counter()
+        spec = await self._run(self._engine, warmup_prompts, max_new_tokens, self._k)
+        return calibration_of(plain, spec, plain_s, time.perf_counter() - t0)
+
+    def _build(self, speculative: bool):
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        c = self.config
+        fields = dict(
+            model=str(c.paths.target),
+            dtype=c.dtype,
+            seed=0,
+            max_num_seqs=c.max_batch_size,
+            enforce_eager=c.vllm_enforce_eager,
+            disable_log_stats=False,  # per-request timestamps and vllm:* metrics
+        )
+        if c.vllm_kv_cache_bytes is not None:
+            fields["kv_cache_memory_bytes"] = c.vllm_kv_cache_bytes
+        if speculative:
+            fields["speculative_config"] = {
+                "method": "eagle", "model": str(c.head_dir), "num_speculative_tokens": self._k,
+            }
+            fields["per_request_spec_decode_metrics"] = "detailed"
+        fields.update(c.vllm_args)
+        try:
+            return AsyncLLM.from_engine_args(AsyncEngineArgs(**fields))
+        except Exception as exc:  # noqa: BLE001 - any start failure means "not running"
+            raise EngineError(f"vLLM failed to start on {c.artifacts}: {exc}") from exc
+
+    async def _run(self, engine, prompts: list[list[int]], max_new_tokens: int, k: int) -> list[Generation]:
+        return list(await asyncio.gather(*(self._one(engine, p, max_new_tokens, k) for p in prompts)))
+
+    async def generate(self, prompt: list[int], max_new_tokens: int) -> Generation:
+        if self._engine is None:
+            raise EngineError("vLLM engine is not running")
+        return await self._one(self._engine, prompt, max_new_tokens, self._k)
+
+    async def _one(self, engine, prompt: list[int], max_new_tokens: int, k: int) -> Generation:
+        from vllm import SamplingParams, TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=[EOS_ID],
+            output_kind=RequestOutputKind.FINAL_ONLY, detokenize=False,
+        )
+        t0 = time.perf_counter()
+        final = None
+        try:
+            async for out in engine.generate(TokensPrompt(prompt_token_ids=prompt), params,
+                                             request_id=uuid.uuid4().hex):
+                final = out
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - EngineDeadError and friends
+            raise EngineError(f"vLLM request failed: {exc}") from exc
+        wall = time.perf_counter() - t0
+        if final is None or not final.outputs:
+            raise EngineError("vLLM returned no output")
+        return _generation(final, k, self._slots, wall)
+
+    async def close(self) -> None:
+        if self._engine is not None:
+            engine, self._engine = self._engine, None
+            await asyncio.to_thread(engine.shutdown)
+
+    def prometheus_text(self) -> bytes:
+        """vLLM's ``vllm:*`` series live in prometheus_client's default registry."""
+        from prometheus_client import REGISTRY, generate_latest
+
+        return generate_latest(REGISTRY)
+
+
+def _generation(final, k: int, slots: list[int] | None, wall_s: float) -> Generation:
+    out = final.outputs[0]
+    tokens = list(out.token_ids)
+    m = final.metrics
+    if m is not None and m.first_token_ts:
+        queue_s = max(m.scheduled_ts - m.queued_ts, 0.0)
+        prefill_s = max(m.first_token_ts - m.scheduled_ts, 0.0)
+        decode_s = max(m.last_token_ts - m.first_token_ts, 0.0)
+    else:  # no engine timestamps: the whole wall time counts as decoding
+        queue_s, prefill_s, decode_s = 0.0, 0.0, wall_s
+    sd = out.spec_decode_metrics
+    if k and sd is not None:
+        accepted, drafted = list(sd.per_step_accepted), list(sd.per_step_drafted)
+    else:
+        accepted, drafted = [0] * max(len(tokens) - 1, 0), [0] * max(len(tokens) - 1, 0)
+    gen = generation_from_rounds(tokens, accepted, drafted, k, slots if k else None,
+                                 queue_s=queue_s, prefill_s=prefill_s, decode_s=decode_s)
+    return gen

@@ -1,0 +1,181 @@
+"""``padrec bench --engine vllm``: the methods of ``padrec_vllm.bench`` on vLLM's own engine.
+
+Same JSON as the reference engine's bench (``padrec_vllm.bench`` module docstring). Methods:
+``ar`` (no speculation), ``ngram`` (vLLM's prompt lookup, ``NGRAM``), and any trained head under
+``heads/<name>`` (``eagle``, ``padrec``) through ``speculative_config={"method": "eagle", ...}``.
+
+How it runs: one engine per method, built in turn in this process and shut down before the next
+(so methods are not interleaved round-robin as in the reference bench: machine noise is not
+spread evenly). Each engine gets one excluded warm-up batch, then the users ``batch_size`` at a
+time, one ``LLM.generate`` call per batch (``max_num_seqs = batch_size``); a request's
+``latency_ms`` is the wall time of its batch, as in the reference bench.
+
+Where the figures come from: tokens from the outputs; rounds and acceptance from vLLM's
+per-request speculative metrics (``per_request_spec_decode_metrics="detailed"``: accepted and
+drafted counts for every verify step of a request). tau = decode tokens / target forwards after
+prefill; a forward without drafts (ngram found no match) is not recorded by vLLM and is counted as
+emitting one token. ``accept_by_slot`` walks each request's outputs with its per-step counts: the
+j-th draft of a step sits at a known output position, and its slot is the slot of the output token
+there: exact for accepted drafts; for the first rejected draft it is the slot of the target's
+token at that position (the reference bench uses the drafted token's own slot; they differ only
+when a draft breaks the SID grammar). Requests whose steps cannot be aligned with the outputs
+(ngram steps without drafts) are left out of ``accept_by_slot`` only. ``head_forward_ms`` is None:
+vLLM does not time its draft model apart.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from padrec_vllm.artifacts import ArtifactPaths
+from padrec_vllm.bench import BenchConfig, _device_name, _percentile, slot_names
+from padrec_vllm.catalog.catalog import Catalog
+from padrec_vllm.catalog.tokens import EOS_ID
+from padrec_vllm.data.s3rec import leave_one_out, load_dataset
+from padrec_vllm.decoding import RequestResult, aggregate, identical_output_rate
+from padrec_vllm.errors import UserError
+from padrec_vllm.eval.evaluate import list_quality, max_new_tokens, sample_test_users
+from padrec_vllm.presets import get_preset
+
+NGRAM = {"prompt_lookup_min": 2, "prompt_lookup_max": 4}  # an item is a few tokens long
+
+
+@dataclass
+class MethodRun:
+    results: list[RequestResult]
+    wall_s: float
+    latency_ms: list[float]
+
+
+def speculative_config(name: str, paths: ArtifactPaths, k: int) -> dict | None:
+    if name == "ar":
+        return None
+    if name == "ngram":
+        return {"method": "ngram", "num_speculative_tokens": k, **NGRAM}
+    return {"method": "eagle", "model": str(paths.head(name)), "num_speculative_tokens": k}
+
+
+def request_result(tokens: list[int], metrics, k: int, slots: list[int] | None) -> RequestResult:
+    """A reference-engine ``RequestResult`` from one vLLM output and its per-step metrics."""
+    decoded = max(len(tokens) - 1, 0)
+    accepted = list(getattr(metrics, "per_step_accepted", None) or [])
+    drafted = list(getattr(metrics, "per_step_drafted", None) or [])
+    by_pos = [[0, 0] for _ in range(k if metrics is not None else 0)]
+    by_slot: dict[int, list[int]] = {}
+    for a, d in zip(accepted, drafted):
+        for j in range(min(d, len(by_pos))):
+            by_pos[j][1] += 1
+            by_pos[j][0] += j < a
+    covered = sum(a + 1 for a in accepted)  # tokens emitted by the recorded steps
+    forwards = len(accepted) + max(decoded - covered, 0)  # + forwards without drafts
+    if slots is not None and covered >= decoded:  # every forward recorded: steps align
+        c = 0  # output index of the last token before the step
+        for a, d in zip(accepted, drafted):
+            for j in range(min(a + 1, d)):
+                if c + 1 + j < len(tokens):
+                    acc_prop = by_slot.setdefault(slots[tokens[c + 1 + j]], [0, 0])
+                    acc_prop[0] += j < a
+                    acc_prop[1] += 1
+            c += a + 1
+    return RequestResult(
+        tokens=list(tokens), tau=decoded / forwards if forwards else 0.0,
+        accept_by_pos=[(a, p) for a, p in by_pos],
+        accept_by_slot={s: (a, p) for s, (a, p) in sorted(by_slot.items())},
+        target_forwards=forwards, draft_forwards=sum(drafted),
+        prefill_s=0.0, draft_s=0.0, verify_s=0.0,
+    )
+
+
+def run_method(target: Path, spec: dict | None, prompts: list[list[int]], *, batch_size: int,
+               limit: int, k: int, slots: list[int] | None, enforce_eager: bool) -> MethodRun:
+    """One engine: warm-up batch (excluded), then every prompt, ``batch_size`` per call."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # vLLM's CPU default takes most RAM
+    extra = {"per_request_spec_decode_metrics": "detailed"} if spec is not None else {}
+    llm = LLM(model=str(target), speculative_config=spec, dtype="float32", seed=0,
+              max_num_seqs=batch_size, enforce_eager=enforce_eager, **extra)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=limit, stop_token_ids=[EOS_ID])
+
+        def call(chunk: list[list[int]]):
+            batch = [TokensPrompt(prompt_token_ids=p) for p in chunk]
+            return llm.generate(batch, params, use_tqdm=False)
+
+        call(prompts[:batch_size])  # warm-up
+        results, latency, wall = [], [], 0.0
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            t0 = time.perf_counter()
+            outs = call(chunk)
+            secs = time.perf_counter() - t0
+            wall += secs
+            latency += [1000 * secs] * len(chunk)
+            for o in outs:
+                c = o.outputs[0]
+                metrics = c.spec_decode_metrics if spec is not None else None
+                results.append(request_result(list(c.token_ids), metrics, k, slots))
+        return MethodRun(results, wall, latency)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+
+
+def run_vllm_bench(cfg: BenchConfig, *, enforce_eager: bool = False) -> dict:
+    """``padrec bench --engine vllm``; ``enforce_eager`` skips torch.compile / CUDA graphs
+    (tests)."""
+    paths = ArtifactPaths(cfg.artifacts)
+    info = paths.read_build_info()
+    preset = get_preset(info["preset"])
+    if "ar" not in cfg.methods:
+        raise UserError("--methods must include ar (the baseline for speedup and identical_rate)")
+    for name in cfg.methods:
+        if name not in ("ar", "ngram") and not (paths.head(name) / "config.json").exists():
+            raise UserError(f"unknown method {name!r}: no head at {paths.head(name)} "
+                            "(train it with `padrec build`)")
+    from padrec_vllm.vllm_plugin import register
+
+    register()  # the padrec head's architecture, in this process too
+    catalog = Catalog.load(paths.root)
+    split = leave_one_out(load_dataset(info["dataset"], cfg.data_dir).sequences)
+    k = cfg.num_draft_tokens or preset.num_draft_tokens
+    users = sample_test_users(split, catalog, preset.history, cfg.users, cfg.seed + 1)
+    prompts = [list(p) for p in users.prompts]
+    slots = catalog.layout.slot_table()
+    names = list(dict.fromkeys(["ar", *cfg.methods]))
+    runs = {
+        name: run_method(paths.target, speculative_config(name, paths, k), prompts,
+                         batch_size=cfg.batch_size, limit=max_new_tokens(catalog, preset.list_len),
+                         k=k, slots=slots, enforce_eager=enforce_eager)
+        for name in names
+    }
+    quality = list_quality(catalog, [r.tokens for r in runs["ar"].results], users.targets).as_dict()
+    snames = slot_names(catalog.layout)
+    methods = {}
+    for name, run in runs.items():
+        agg = aggregate(run.results)
+        methods[name] = {
+            "wall_s": run.wall_s,
+            "tokens_per_s": agg.num_tokens / run.wall_s,
+            "latency_ms": {"p50": statistics.median(run.latency_ms),
+                           "p95": _percentile(run.latency_ms, 0.95)},
+            "tau": agg.tau,
+            "accept_by_pos": agg.accept_rate_by_pos,
+            "accept_by_slot": {snames[s]: r for s, r in agg.accept_rate_by_slot.items()},
+            "speedup": runs["ar"].wall_s / run.wall_s,
+            "identical_rate": identical_output_rate(run.results, runs["ar"].results),
+            "head_forward_ms": None,
+        }
+    return {
+        "dataset": info["dataset"], "preset": info["preset"], "engine": "vllm",
+        "device": _device_name(cfg.device), "users": len(prompts), "k": k,
+        "batch_size": cfg.batch_size,
+        "quality": {key: quality[key] for key in
+                    ("recall_at_10", "ndcg_at_10", "invalid_item_rate", "duplicate_rate")},
+        "methods": methods,
+    }
