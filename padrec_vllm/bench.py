@@ -30,7 +30,7 @@ from padrec_vllm.catalog.tokens import EOS_ID, TokenLayout
 from padrec_vllm.data.s3rec import leave_one_out, load_dataset
 from padrec_vllm.decoding import RequestResult, aggregate, generate, identical_output_rate
 from padrec_vllm.errors import UserError
-from padrec_vllm.eval.evaluate import list_quality, max_new_tokens, sample_test_users
+from padrec_vllm.eval.evaluate import EvalUsers, list_quality, max_new_tokens, sample_test_users
 from padrec_vllm.model.head_checkpoint import load_head
 from padrec_vllm.model.heads import DraftHead
 from padrec_vllm.model.target import load_target
@@ -81,6 +81,77 @@ def _percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))] if s else 0.0
 
 
+@dataclass(frozen=True)
+class BenchSetup:
+    """What every engine's bench needs: the artifacts, the sampled test users, K, the limit."""
+
+    paths: ArtifactPaths
+    info: dict
+    catalog: Catalog
+    users: EvalUsers
+    k: int
+    limit: int  # max_new_tokens
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        return [list(p) for p in self.users.prompts]
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """One method's outputs over all users, its summed wall time and per-request latencies."""
+
+    results: list[RequestResult]
+    wall_s: float
+    latency_ms: list[float]
+
+
+def bench_setup(cfg: BenchConfig, builtin: tuple[str, ...] = ("ar",)) -> BenchSetup:
+    """Validate ``cfg.methods`` (``ar`` required; every name outside ``builtin`` needs a head
+    under ``heads/``) before loading anything heavy, then sample the users."""
+    paths = ArtifactPaths(cfg.artifacts)
+    info = paths.read_build_info()
+    if "ar" not in cfg.methods:
+        raise UserError("--methods must include ar (the baseline for speedup and identical_rate)")
+    for name in cfg.methods:
+        if name not in builtin and not (paths.head(name) / "config.json").exists():
+            raise UserError(f"unknown method {name!r}: no head at {paths.head(name)} (train it with `padrec build`)")
+    preset = get_preset(info["preset"])
+    catalog = Catalog.load(paths.root)
+    split = leave_one_out(load_dataset(info["dataset"], cfg.data_dir).sequences)
+    users = sample_test_users(split, catalog, preset.history, cfg.users, cfg.seed + 1)
+    return BenchSetup(paths, info, catalog, users, cfg.num_draft_tokens or preset.num_draft_tokens,
+                      max_new_tokens(catalog, preset.list_len))
+
+
+def bench_result(cfg: BenchConfig, setup: BenchSetup, runs: dict[str, MethodRun],
+                 head_forward_ms: dict[str, float | None]) -> dict:
+    """The bench JSON (module docstring) from every method's run; ``runs`` must hold ``ar``."""
+    quality = list_quality(setup.catalog, [r.tokens for r in runs["ar"].results], setup.users.targets).as_dict()
+    snames = slot_names(setup.catalog.layout)
+    methods = {}
+    for name, run in runs.items():
+        agg = aggregate(run.results)
+        methods[name] = {
+            "wall_s": run.wall_s,
+            "tokens_per_s": agg.num_tokens / run.wall_s,
+            "latency_ms": {"p50": statistics.median(run.latency_ms), "p95": _percentile(run.latency_ms, 0.95)},
+            "tau": agg.tau,
+            "accept_by_pos": agg.accept_rate_by_pos,
+            "accept_by_slot": {snames[s]: r for s, r in agg.accept_rate_by_slot.items()},
+            "speedup": runs["ar"].wall_s / run.wall_s,
+            "identical_rate": identical_output_rate(run.results, runs["ar"].results),
+            "head_forward_ms": head_forward_ms.get(name),
+        }
+    return {
+        "dataset": setup.info["dataset"], "preset": setup.info["preset"], "engine": cfg.engine,
+        "device": _device_name(cfg.device), "users": len(setup.users.users), "k": setup.k,
+        "batch_size": cfg.batch_size,
+        "quality": {key: quality[key] for key in ("recall_at_10", "ndcg_at_10", "invalid_item_rate", "duplicate_rate")},
+        "methods": methods,
+    }
+
+
 def run_bench(cfg: BenchConfig) -> dict:
     if cfg.engine == "vllm":
         from padrec_vllm.vllm_plugin.bench import run_vllm_bench
@@ -88,30 +159,18 @@ def run_bench(cfg: BenchConfig) -> dict:
         return run_vllm_bench(cfg)
     if cfg.engine != "reference":
         raise UserError(f"unknown engine {cfg.engine!r}")
-    paths = ArtifactPaths(cfg.artifacts)
-    info = paths.read_build_info()
-    preset = get_preset(info["preset"])
-    if "ar" not in cfg.methods:
-        raise UserError("--methods must include ar (the baseline for speedup and identical_rate)")
-    for name in cfg.methods:
-        if name != "ar" and not (paths.head(name) / "config.json").exists():
-            raise UserError(f"unknown method {name!r}: no head at {paths.head(name)} (train it with `padrec build`)")
-    catalog = Catalog.load(paths.root)
-    split = leave_one_out(load_dataset(info["dataset"], cfg.data_dir).sequences)
-    k = cfg.num_draft_tokens or preset.num_draft_tokens
-    target = load_target(paths.target, device=cfg.device)
+    setup = bench_setup(cfg)
+    target = load_target(setup.paths.target, device=cfg.device)
     heads: dict[str, DraftHead | None] = {"ar": None}
     for name in cfg.methods:
         if name != "ar":
-            heads[name] = load_head(paths.head(name), device=cfg.device, dtype=torch.float32).eval()
-    users = sample_test_users(split, catalog, preset.history, cfg.users, cfg.seed + 1)
-    prompts = [list(p) for p in users.prompts]
-    limit = max_new_tokens(catalog, preset.list_len)
+            heads[name] = load_head(setup.paths.head(name), device=cfg.device, dtype=torch.float32).eval()
+    prompts = setup.prompts
 
     def run(name: str, chunk: list[list[int]]) -> tuple[list[RequestResult], float]:
         t0 = time.perf_counter()
-        res = generate(target, chunk, max_new_tokens=limit, eos_id=EOS_ID, batch_size=len(chunk),
-                       head=heads[name], num_draft_tokens=k if heads[name] is not None else None)
+        res = generate(target, chunk, max_new_tokens=setup.limit, eos_id=EOS_ID, batch_size=len(chunk),
+                       head=heads[name], num_draft_tokens=setup.k if heads[name] is not None else None)
         if cfg.device.startswith("cuda"):
             torch.cuda.synchronize()
         return res, time.perf_counter() - t0
@@ -129,28 +188,9 @@ def run_bench(cfg: BenchConfig) -> dict:
             results[name] += res
             wall[name] += secs
             latency[name] += [1000 * secs] * len(chunk)
-    quality = list_quality(catalog, [r.tokens for r in results["ar"]], users.targets).as_dict()
-    snames = slot_names(catalog.layout)
-    methods = {}
-    for name in names:
-        agg = aggregate(results[name])
-        methods[name] = {
-            "wall_s": wall[name],
-            "tokens_per_s": agg.num_tokens / wall[name],
-            "latency_ms": {"p50": statistics.median(latency[name]), "p95": _percentile(latency[name], 0.95)},
-            "tau": agg.tau,
-            "accept_by_pos": agg.accept_rate_by_pos,
-            "accept_by_slot": {snames[s]: r for s, r in agg.accept_rate_by_slot.items()},
-            "speedup": wall["ar"] / wall[name],
-            "identical_rate": identical_output_rate(results[name], results["ar"]),
-            "head_forward_ms": time_head_forward(heads[name], target, cfg.batch_size) if heads[name] else None,
-        }
-    return {
-        "dataset": info["dataset"], "preset": info["preset"], "engine": cfg.engine,
-        "device": _device_name(cfg.device), "users": len(prompts), "k": k, "batch_size": cfg.batch_size,
-        "quality": {key: quality[key] for key in ("recall_at_10", "ndcg_at_10", "invalid_item_rate", "duplicate_rate")},
-        "methods": methods,
-    }
+    runs = {n: MethodRun(results[n], wall[n], latency[n]) for n in names}
+    head_ms = {n: time_head_forward(h, target, cfg.batch_size) for n, h in heads.items() if h is not None}
+    return bench_result(cfg, setup, runs, head_ms)
 
 
 def _device_name(device: str) -> str:

@@ -26,29 +26,15 @@ vLLM does not time its draft model apart.
 from __future__ import annotations
 
 import os
-import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from padrec_vllm.artifacts import ArtifactPaths
-from padrec_vllm.bench import BenchConfig, _device_name, _percentile, slot_names
-from padrec_vllm.catalog.catalog import Catalog
+from padrec_vllm.bench import BenchConfig, MethodRun, bench_result, bench_setup
 from padrec_vllm.catalog.tokens import EOS_ID
-from padrec_vllm.data.s3rec import leave_one_out, load_dataset
-from padrec_vllm.decoding import RequestResult, aggregate, identical_output_rate
-from padrec_vllm.errors import UserError
-from padrec_vllm.eval.evaluate import list_quality, max_new_tokens, sample_test_users
-from padrec_vllm.presets import get_preset
+from padrec_vllm.decoding import RequestResult
 
 NGRAM = {"prompt_lookup_min": 2, "prompt_lookup_max": 4}  # an item is a few tokens long
-
-
-@dataclass
-class MethodRun:
-    results: list[RequestResult]
-    wall_s: float
-    latency_ms: list[float]
 
 
 def speculative_config(name: str, paths: ArtifactPaths, k: int) -> dict | None:
@@ -129,53 +115,16 @@ def run_method(target: Path, spec: dict | None, prompts: list[list[int]], *, bat
 def run_vllm_bench(cfg: BenchConfig, *, enforce_eager: bool = False) -> dict:
     """``padrec bench --engine vllm``; ``enforce_eager`` skips torch.compile / CUDA graphs
     (tests)."""
-    paths = ArtifactPaths(cfg.artifacts)
-    info = paths.read_build_info()
-    preset = get_preset(info["preset"])
-    if "ar" not in cfg.methods:
-        raise UserError("--methods must include ar (the baseline for speedup and identical_rate)")
-    for name in cfg.methods:
-        if name not in ("ar", "ngram") and not (paths.head(name) / "config.json").exists():
-            raise UserError(f"unknown method {name!r}: no head at {paths.head(name)} "
-                            "(train it with `padrec build`)")
+    setup = bench_setup(cfg, builtin=("ar", "ngram"))
     from padrec_vllm.vllm_plugin import register
 
     register()  # the padrec head's architecture, in this process too
-    catalog = Catalog.load(paths.root)
-    split = leave_one_out(load_dataset(info["dataset"], cfg.data_dir).sequences)
-    k = cfg.num_draft_tokens or preset.num_draft_tokens
-    users = sample_test_users(split, catalog, preset.history, cfg.users, cfg.seed + 1)
-    prompts = [list(p) for p in users.prompts]
-    slots = catalog.layout.slot_table()
+    slots = setup.catalog.layout.slot_table()
     names = list(dict.fromkeys(["ar", *cfg.methods]))
     runs = {
-        name: run_method(paths.target, speculative_config(name, paths, k), prompts,
-                         batch_size=cfg.batch_size, limit=max_new_tokens(catalog, preset.list_len),
-                         k=k, slots=slots, enforce_eager=enforce_eager)
+        name: run_method(setup.paths.target, speculative_config(name, setup.paths, setup.k), setup.prompts,
+                         batch_size=cfg.batch_size, limit=setup.limit, k=setup.k, slots=slots,
+                         enforce_eager=enforce_eager)
         for name in names
     }
-    quality = list_quality(catalog, [r.tokens for r in runs["ar"].results], users.targets).as_dict()
-    snames = slot_names(catalog.layout)
-    methods = {}
-    for name, run in runs.items():
-        agg = aggregate(run.results)
-        methods[name] = {
-            "wall_s": run.wall_s,
-            "tokens_per_s": agg.num_tokens / run.wall_s,
-            "latency_ms": {"p50": statistics.median(run.latency_ms),
-                           "p95": _percentile(run.latency_ms, 0.95)},
-            "tau": agg.tau,
-            "accept_by_pos": agg.accept_rate_by_pos,
-            "accept_by_slot": {snames[s]: r for s, r in agg.accept_rate_by_slot.items()},
-            "speedup": runs["ar"].wall_s / run.wall_s,
-            "identical_rate": identical_output_rate(run.results, runs["ar"].results),
-            "head_forward_ms": None,
-        }
-    return {
-        "dataset": info["dataset"], "preset": info["preset"], "engine": "vllm",
-        "device": _device_name(cfg.device), "users": len(prompts), "k": k,
-        "batch_size": cfg.batch_size,
-        "quality": {key: quality[key] for key in
-                    ("recall_at_10", "ndcg_at_10", "invalid_item_rate", "duplicate_rate")},
-        "methods": methods,
-    }
+    return bench_result(cfg, setup, runs, head_forward_ms={})  # vLLM does not time its drafter apart
