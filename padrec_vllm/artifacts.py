@@ -8,6 +8,7 @@ Layout (all paths relative to ``--artifacts DIR``)::
     token_layout.json    codebook sizes and the token -> slot table
     tokenizer/           Hugging Face fast tokenizer over the SID vocabulary
     target/              target LlamaForCausalLM (config.json, safetensors, tokenizer files)
+    popularity.json      training-split interaction count per item (cold start, list fill-up)
     eval.json            Recall@10 / NDCG@10 / invalid / duplicate rates, target and most-popular
     heads/eagle/         EAGLE-1 draft head (vLLM-loadable)
     heads/padrec/        PAD-Rec draft head (vLLM-loadable)
@@ -23,6 +24,7 @@ from padrec_vllm.errors import UserError
 
 BUILD_FILE = "build.json"
 EVAL_FILE = "eval.json"
+POPULARITY_FILE = "popularity.json"
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,10 @@ class ArtifactPaths:
 
     def head(self, kind: str) -> Path:
         return self.root / "heads" / kind
+
+    @property
+    def popularity(self) -> Path:
+        return self.root / POPULARITY_FILE
 
     @property
     def build_info(self) -> Path:

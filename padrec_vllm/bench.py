@@ -55,25 +55,30 @@ def slot_names(layout: TokenLayout) -> dict[int, str]:
     return names | {layout.sep_slot: "sep", layout.special_slot: "special"}
 
 
-def time_head_forward(head: DraftHead, target, batch_size: int, repeats: int = 200) -> float:
-    """Milliseconds per draft forward of one token per row (cache of 64 positions), median of
-    ``repeats`` timed calls after warm-up."""
-    device = next(head.parameters()).device
-    cache = head.new_cache(batch_size, 64)
+def time_head_forwards(heads: dict[str, DraftHead], target, batch_size: int, repeats: int = 300) -> dict[str, float]:
+    """Milliseconds per draft forward of one token per row (cache of 64 positions) for each head:
+    median of ``repeats`` calls, the heads interleaved call by call so machine noise hits all
+    alike; 20 warm-up calls each are excluded."""
+    if not heads:
+        return {}
+    first = next(iter(heads.values()))
+    device = next(first.parameters()).device
     ids = torch.full((batch_size, 1), 5, dtype=torch.long, device=device)  # [B, 1]
-    feats = torch.randn(batch_size, 1, head.config.hidden_size, device=device)  # [B, 1, H]
+    feats = torch.randn(batch_size, 1, first.config.hidden_size, device=device)  # [B, 1, H]
     pos = torch.full((batch_size, 1), 10, dtype=torch.long, device=device)  # [B, 1]
     embed = target.get_input_embeddings()
-    times = []
+    caches = {n: h.new_cache(batch_size, 64) for n, h in heads.items()}
+    times: dict[str, list[float]] = {n: [] for n in heads}
     with torch.inference_mode():
         for i in range(repeats + 20):
-            t0 = time.perf_counter()
-            head(ids, feats, pos, step=2, embed=embed, cache=cache)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 20:
-                times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+            for name, head in heads.items():
+                t0 = time.perf_counter()
+                head(ids, feats, pos, step=2, embed=embed, cache=caches[name])
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if i >= 20:
+                    times[name].append(time.perf_counter() - t0)
+    return {n: 1000 * statistics.median(t) for n, t in times.items()}
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -189,7 +194,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             wall[name] += secs
             latency[name] += [1000 * secs] * len(chunk)
     runs = {n: MethodRun(results[n], wall[n], latency[n]) for n in names}
-    head_ms = {n: time_head_forward(h, target, cfg.batch_size) for n, h in heads.items() if h is not None}
+    head_ms = time_head_forwards({n: h for n, h in heads.items() if h is not None}, target, cfg.batch_size)
     return bench_result(cfg, setup, runs, head_ms)
 
 
@@ -233,6 +238,7 @@ def plot_acceptance(result: dict, path: Path) -> None:
         ax2.bar([j + (i - (len(heads) - 1) / 2) * width for j in range(len(slots))],
                 [m["accept_by_slot"][s] for s in slots], width, label=name)
         ax2.set_xticks(range(len(slots)), slots)
+    ax1.set_xticks(range(1, result["k"] + 1))
     ax1.set(xlabel="draft position", ylabel="acceptance rate", ylim=(0, 1), title="by draft position")
     ax2.set(xlabel="item slot of the drafted token", ylim=(0, 1), title="by item slot (given the chain reached it)")
     ax1.legend()

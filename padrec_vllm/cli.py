@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu", type=_device)
     bench.add_argument("--json", default=None, help="write the result JSON here")
     bench.add_argument("--plot", default=None, help="write the acceptance plot (PNG) here")
+
+    srv = sub.add_parser("serve", help="serve POST /recommend over an artifacts dir (flags override PADREC_* env)")
+    srv.add_argument("--artifacts", default=None, help="artifacts directory (default: $PADREC_ARTIFACTS)")
+    srv.add_argument("--host", default=None, help="bind address (default: $PADREC_HOST or 127.0.0.1)")
+    srv.add_argument("--port", type=_positive_int, default=None, help="port (default: $PADREC_PORT or 8000)")
+    srv.add_argument("--engine", default=None, choices=["vllm", "reference"], help="default: $PADREC_ENGINE or vllm")
     return parser
 
 
@@ -188,8 +194,15 @@ def _cmd_bench(args) -> None:
     write_outputs(result, Path(args.json) if args.json else None, Path(args.plot) if args.plot else None)
 
 
+def _cmd_serve(args) -> None:
+    from server.main import serve
+
+    overrides = {"engine": args.engine} if args.engine else {}
+    serve(args.artifacts, args.host, args.port, **overrides)
+
+
 COMMANDS = {"download": _cmd_download, "prepare": _cmd_prepare, "build": _cmd_build, "eval": _cmd_eval,
-            "train-heads": _cmd_train_heads, "bench": _cmd_bench}
+            "train-heads": _cmd_train_heads, "bench": _cmd_bench, "serve": _cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

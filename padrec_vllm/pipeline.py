@@ -47,6 +47,14 @@ def _gen_batch(device: str) -> int:
     return 512 if device.startswith("cuda") else 64
 
 
+def write_popularity(dataset: Dataset, paths: ArtifactPaths) -> None:
+    """``popularity.json``: ``{"item_id": count}`` over the training split, most popular first."""
+    from collections import Counter
+
+    counts = Counter(i for seq in leave_one_out(dataset.sequences).train.values() for i in seq)
+    paths.popularity.write_text(json.dumps({str(i): c for i, c in counts.most_common()}) + "\n")
+
+
 def run_train_target(dataset: Dataset, paths: ArtifactPaths, preset: TargetPreset, device: str,
                      time_budget_s: float | None = None) -> dict | None:
     if (paths.target / "config.json").exists():
@@ -130,6 +138,8 @@ def build(dataset_name: str, preset: TargetPreset, out: Path, data_dir: str | No
     t0 = time.perf_counter()
     run_prepare(dataset, paths, preset, embedding)
     info["timings_s"].setdefault("prepare", time.perf_counter() - t0)
+    if not paths.popularity.exists():
+        write_popularity(dataset, paths)
     t0 = time.perf_counter()
     train = run_train_target(dataset, paths, preset, device, train_budget_s)
     if train is not None:

@@ -45,7 +45,7 @@ PRESETS: dict[str, TargetPreset] = {
                      head_steps=40, head_users=64, head_batch_size=16, num_draft_tokens=3),
         TargetPreset("demo", num_layers=4, hidden_size=256, num_heads=4, intermediate_size=768,
                      lr=2e-3, max_steps=1000, warmup_steps=100, eval_users=2000,
-                     head_steps=500, head_users=3000),
+                     head_steps=400, head_users=1500),
         TargetPreset("bench", num_layers=8, hidden_size=384, num_heads=6, intermediate_size=1024,
                      batch_size=256, lr=1e-3, max_steps=6000, warmup_steps=300, eval_users=22363,
                      head_steps=1500, head_users=8000, head_batch_size=128),

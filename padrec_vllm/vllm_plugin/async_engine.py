@@ -50,8 +50,9 @@ class VllmEngine:
     def max_model_len(self) -> int:
         return int(self._engine.model_config.max_model_len)
 
-    async def start(self, warmup_prompts: list[list[int]], max_new_tokens: int,
-                    calibrate: bool = True) -> Calibration | None:
+    async def start(
+        self, warmup_prompts: list[list[int]], max_new_tokens: int, calibrate: bool = True
+    ) -> Calibration | None:
         self._slots = load_slot_table(self.config.artifacts)
         self._k = self.config.draft_tokens()
         calibrate = calibrate and self._k > 0 and bool(warmup_prompts)
@@ -65,7 +66,8 @@ class VllmEngine:
                 plain = await self._run(engine, warmup_prompts, max_new_tokens, 0)
                 plain_s = time.perf_counter() - t0
             finally:
-                engine.shutdown()
+                _shutdown(engine)
+                del engine
         self._engine = await asyncio.to_thread(self._build, self._k > 0)
         if not warmup_prompts:
             return None
@@ -81,29 +83,35 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         c = self.config
-        fields = dict(
-            model=str(c.paths.target),
-            dtype=c.dtype,
-            seed=0,
-            max_num_seqs=c.max_batch_size,
-            enforce_eager=c.vllm_enforce_eager,
-            disable_log_stats=False,  # per-request timestamps and vllm:* metrics
-        )
+        fields = {
+            "model": str(c.paths.target),
+            "dtype": c.dtype,
+            "seed": 0,
+            "max_num_seqs": c.max_batch_size,
+            "enforce_eager": c.vllm_enforce_eager,
+            "disable_log_stats": False,  # per-request timestamps and vllm:* metrics
+        }
         if c.vllm_kv_cache_bytes is not None:
             fields["kv_cache_memory_bytes"] = c.vllm_kv_cache_bytes
         if speculative:
             fields["speculative_config"] = {
-                "method": "eagle", "model": str(c.head_dir), "num_speculative_tokens": self._k,
+                "method": "eagle",
+                "model": str(c.head_dir),
+                "num_speculative_tokens": self._k,
             }
             fields["per_request_spec_decode_metrics"] = "detailed"
         fields.update(c.vllm_args)
         try:
             return AsyncLLM.from_engine_args(AsyncEngineArgs(**fields))
-        except Exception as exc:  # noqa: BLE001 - any start failure means "not running"
+        except Exception as exc:  # any start failure means "not running"
             raise EngineError(f"vLLM failed to start on {c.artifacts}: {exc}") from exc
 
-    async def _run(self, engine, prompts: list[list[int]], max_new_tokens: int, k: int) -> list[Generation]:
-        return list(await asyncio.gather(*(self._one(engine, p, max_new_tokens, k) for p in prompts)))
+    async def _run(
+        self, engine, prompts: list[list[int]], max_new_tokens: int, k: int
+    ) -> list[Generation]:
+        return list(
+            await asyncio.gather(*(self._one(engine, p, max_new_tokens, k) for p in prompts))
+        )
 
     async def generate(self, prompt: list[int], max_new_tokens: int) -> Generation:
         if self._engine is None:
@@ -115,18 +123,22 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind
 
         params = SamplingParams(
-            temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=[EOS_ID],
-            output_kind=RequestOutputKind.FINAL_ONLY, detokenize=False,
+            temperature=0.0,
+            max_tokens=max_new_tokens,
+            stop_token_ids=[EOS_ID],
+            output_kind=RequestOutputKind.FINAL_ONLY,
+            detokenize=False,
         )
         t0 = time.perf_counter()
         final = None
         try:
-            async for out in engine.generate(TokensPrompt(prompt_token_ids=prompt), params,
-                                             request_id=uuid.uuid4().hex):
+            async for out in engine.generate(
+                TokensPrompt(prompt_token_ids=prompt), params, request_id=uuid.uuid4().hex
+            ):
                 final = out
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - EngineDeadError and friends
+        except Exception as exc:  # EngineDeadError and friends
             raise EngineError(f"vLLM request failed: {exc}") from exc
         wall = time.perf_counter() - t0
         if final is None or not final.outputs:
@@ -136,13 +148,25 @@ class VllmEngine:
     async def close(self) -> None:
         if self._engine is not None:
             engine, self._engine = self._engine, None
-            await asyncio.to_thread(engine.shutdown)
+            # on the loop's thread, so the output handler is cancelled before it can see the
+            # engine core gone (from another thread it logs an EngineDeadError)
+            _shutdown(engine)
+
+    def alive(self) -> bool:
+        return self._engine is not None and not self._engine.errored
 
     def prometheus_text(self) -> bytes:
         """vLLM's ``vllm:*`` series live in prometheus_client's default registry."""
         from prometheus_client import REGISTRY, generate_latest
 
         return generate_latest(REGISTRY)
+
+
+def _shutdown(engine) -> None:
+    """Shut down once. ``AsyncLLM.__del__`` shuts down again, and when that runs at interpreter
+    exit it fails on torn-down module globals (a "TypeError ... ignored" on stderr)."""
+    engine.shutdown()
+    engine.shutdown = lambda *args, **kwargs: None
 
 
 def _generation(final, k: int, slots: list[int] | None, wall_s: float) -> Generation:
@@ -160,6 +184,14 @@ def _generation(final, k: int, slots: list[int] | None, wall_s: float) -> Genera
         accepted, drafted = list(sd.per_step_accepted), list(sd.per_step_drafted)
     else:
         accepted, drafted = [0] * max(len(tokens) - 1, 0), [0] * max(len(tokens) - 1, 0)
-    gen = generation_from_rounds(tokens, accepted, drafted, k, slots if k else None,
-                                 queue_s=queue_s, prefill_s=prefill_s, decode_s=decode_s)
+    gen = generation_from_rounds(
+        tokens,
+        accepted,
+        drafted,
+        k,
+        slots if k else None,
+        queue_s=queue_s,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+    )
     return gen

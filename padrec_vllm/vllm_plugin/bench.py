@@ -109,7 +109,6 @@ def run_method(target: Path, spec: dict | None, prompts: list[list[int]], *, bat
         return MethodRun(results, wall, latency)
     finally:
         llm.llm_engine.engine_core.shutdown()
-        del llm
 
 
 def run_vllm_bench(cfg: BenchConfig, *, enforce_eager: bool = False) -> dict:

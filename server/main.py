@@ -1,0 +1,64 @@
+"""``serve``: what ``padrec serve --artifacts DIR [--host H] [--port P]`` runs.
+
+Also ``python -m server.main`` (settings from ``PADREC_*`` only) and, for uvicorn's own CLI,
+``uvicorn --factory server.main:app_from_env``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from padrec_vllm.errors import UserError
+from server.app import check, create_app
+from server.settings import Settings
+
+
+def serve(
+    artifacts: str | Path | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    **overrides,
+) -> None:
+    """Run the server until interrupted. Arguments that are not None override ``PADREC_*``.
+
+    Raises ``padrec_vllm.errors.UserError`` (before anything is loaded) for an invalid or
+    missing setting, or when the artifacts directory, the head or the history limit cannot work.
+    """
+    import uvicorn
+
+    given = {"artifacts": artifacts, "host": host, "port": port, **overrides}
+    settings = load_settings(**{k: v for k, v in given.items() if v is not None})
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    check(settings)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        workers=1,
+    )
+
+
+def load_settings(**overrides) -> Settings:
+    """``Settings`` from ``PADREC_*`` and ``overrides``; a one-line UserError when invalid."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"PADREC_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
+        )
+        raise UserError(f"invalid server settings: {problems}") from None
+
+
+def app_from_env():
+    """App factory for ``uvicorn --factory server.main:app_from_env`` (one worker)."""
+    return create_app(Settings())
+
+
+if __name__ == "__main__":
+    serve()

@@ -1,0 +1,179 @@
+"""Prometheus series of one app (its own ``CollectorRegistry``); docs/SERVER.md describes each.
+
+The speedup figures:
+- ``padrec_speedup{method="calibration"}``: at start-up the engine decodes the same calibration
+  prompts without and with speculation (``engine_api.Calibration``); wall-clock plain / speculative.
+  ``padrec_calibration_identical_output_ratio`` says whether both runs agreed token for token.
+- ``padrec_speedup{method="live"}``: plain decode seconds per token measured at calibration,
+  divided by the decode seconds per token of the speculative requests served since start-up.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from padrec_vllm.engine_api import Calibration, Generation
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+MAX_K = 16
+
+
+class ServerMetrics:
+    def __init__(self, slot_names: dict[int, str]):
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.slot_names = slot_names
+        self.request_seconds = Histogram(
+            "padrec_request_duration_seconds",
+            "HTTP request latency",
+            ["endpoint", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.recommendations = Counter(
+            "padrec_recommendations", "recommendations answered", registry=r
+        )
+        self.generated_tokens = Counter(
+            "padrec_generated_tokens", "tokens the engine generated", registry=r
+        )
+        self.target_forwards = Counter(
+            "padrec_target_forwards", "target forwards after prefill (verify rounds)", registry=r
+        )
+        self.draft_tokens = Counter("padrec_draft_tokens", "draft tokens proposed", registry=r)
+        self.accepted_tokens = Counter(
+            "padrec_accepted_tokens", "draft tokens accepted", registry=r
+        )
+        self.acceptance_length = Histogram(
+            "padrec_acceptance_length",
+            "tokens emitted per verify round (accepted drafts + 1)",
+            buckets=tuple(range(1, MAX_K + 2)),
+            registry=r,
+        )
+        self.drafted_by_pos = Counter(
+            "padrec_drafted_by_position", "drafts proposed at position", ["position"], registry=r
+        )
+        self.accepted_by_pos = Counter(
+            "padrec_accepted_by_position", "drafts accepted at position", ["position"], registry=r
+        )
+        self.drafted_by_slot = Counter(
+            "padrec_drafted_by_slot",
+            "judged drafts by item slot (SID level or sep)",
+            ["slot"],
+            registry=r,
+        )
+        self.accepted_by_slot = Counter(
+            "padrec_accepted_by_slot", "accepted drafts by item slot", ["slot"], registry=r
+        )
+        self.tau = Gauge(
+            "padrec_tau", "tokens per target forward while decoding, since start", registry=r
+        )
+        self.generated_items = Counter(
+            "padrec_generated_items", "items the model generated", registry=r
+        )
+        self.invalid_items = Counter(
+            "padrec_invalid_items", "generated codes naming no item", registry=r
+        )
+        self.duplicate_items = Counter("padrec_duplicate_items", "generated repeats", registry=r)
+        self.history_items = Counter(
+            "padrec_history_items_generated",
+            "generated history items dropped (exclude_history)",
+            registry=r,
+        )
+        self.filled_items = Counter(
+            "padrec_filled_items", "items filled from most-popular", registry=r
+        )
+        self.invalid_rate = Gauge(
+            "padrec_invalid_item_rate", "invalid / generated items since start", registry=r
+        )
+        self.in_flight = Gauge(
+            "padrec_in_flight_requests", "recommendations being answered", registry=r
+        )
+        self.rejected = Counter(
+            "padrec_rejected_requests", "requests refused", ["reason"], registry=r
+        )
+        self.decode_seconds = Counter(
+            "padrec_decode_seconds", "engine decode seconds (after the first token)", registry=r
+        )
+        self.decode_tokens = Counter("padrec_decode_tokens", "tokens after the first", registry=r)
+        self.speedup = Gauge(
+            "padrec_speedup",
+            "wall-clock speedup of speculative over plain decoding (see docs/SERVER.md)",
+            ["method"],
+            registry=r,
+        )
+        self.calib_identical = Gauge(
+            "padrec_calibration_identical_output_ratio",
+            "calibration requests identical with and without speculation",
+            registry=r,
+        )
+        self.calib_tau = Gauge("padrec_calibration_tau", "tau of the calibration run", registry=r)
+        self.calib_s_per_token = Gauge(
+            "padrec_calibration_decode_seconds_per_token",
+            "decode seconds per token at calibration",
+            ["mode"],
+            registry=r,
+        )
+        self._plain_s_per_token: float | None = None
+        self._spec_decode_s = 0.0
+        self._spec_decode_tokens = 0
+        self._tokens = self._forwards = 0
+        self._items = self._invalid = 0
+
+    def set_calibration(self, c: Calibration) -> None:
+        self.speedup.labels("calibration").set(c.speedup)
+        self.calib_identical.set(c.identical_rate)
+        self.calib_tau.set(c.tau)
+        self.calib_s_per_token.labels("plain").set(c.plain_s_per_token)
+        self.calib_s_per_token.labels("speculative").set(c.speculative_s_per_token)
+        self._plain_s_per_token = c.plain_s_per_token
+
+    def observe_generation(self, g: Generation) -> None:
+        self.generated_tokens.inc(len(g.tokens))
+        self.target_forwards.inc(g.target_forwards)
+        self.decode_seconds.inc(g.decode_s)
+        self.decode_tokens.inc(g.decode_tokens)
+        self._tokens += g.decode_tokens
+        self._forwards += g.target_forwards
+        if self._forwards:
+            self.tau.set(self._tokens / self._forwards)
+        if not g.accept_by_pos:
+            return
+        self.draft_tokens.inc(g.draft_tokens)
+        self.accepted_tokens.inc(g.accepted_tokens)
+        for a, count in enumerate(g.acceptance_histogram):
+            for _ in range(count):
+                self.acceptance_length.observe(a + 1)
+        for j, (acc, prop) in enumerate(g.accept_by_pos, 1):
+            self.drafted_by_pos.labels(str(j)).inc(prop)
+            self.accepted_by_pos.labels(str(j)).inc(acc)
+        for slot, (acc, prop) in g.accept_by_slot.items():
+            name = self.slot_names.get(slot, str(slot))
+            self.drafted_by_slot.labels(name).inc(prop)
+            self.accepted_by_slot.labels(name).inc(acc)
+        if self._plain_s_per_token and g.decode_tokens:
+            self._spec_decode_s += g.decode_s
+            self._spec_decode_tokens += g.decode_tokens
+            if self._spec_decode_s > 0:
+                live = self._spec_decode_s / self._spec_decode_tokens
+                self.speedup.labels("live").set(self._plain_s_per_token / live)
+
+    def observe_items(
+        self, generated: int, invalid: int, duplicate: int, in_history: int, filled: int
+    ) -> None:
+        self.recommendations.inc()
+        self.generated_items.inc(generated)
+        self.invalid_items.inc(invalid)
+        self.duplicate_items.inc(duplicate)
+        self.history_items.inc(in_history)
+        self.filled_items.inc(filled)
+        self._items += generated
+        self._invalid += invalid
+        if self._items:
+            self.invalid_rate.set(self._invalid / self._items)
+
+
+def slot_names(num_levels: int) -> dict[int, str]:
+    """Slot labels: ``level0`` .. ``level{L-1}`` (the last is the collision level), ``sep``."""
+    names = {lvl: f"level{lvl}" for lvl in range(num_levels)}
+    names[num_levels] = "sep"
+    names[num_levels + 1] = "special"
+    return names

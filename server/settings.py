@@ -1,0 +1,50 @@
+"""Server settings: environment variables ``PADREC_*`` (pydantic-settings), overridable in code.
+
+Every field is read from ``PADREC_<FIELD>`` (case-insensitive), e.g. ``PADREC_ARTIFACTS``,
+``PADREC_ENGINE=reference``, ``PADREC_SPECULATIVE=false``. docs/SERVER.md lists them all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1 << 20
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PADREC_", extra="ignore")
+
+    artifacts: Path = Field(description="artifacts directory of `padrec build`")
+    engine: Literal["vllm", "reference"] = Field("vllm", description="decoding engine")
+    speculative: bool = Field(True, description="speculative decoding with the draft head")
+    head: Literal["padrec", "eagle"] = Field(
+        "padrec", description="draft head under <artifacts>/heads/"
+    )
+    num_draft_tokens: int | None = Field(
+        None, ge=1, le=16, description="K; default: what the head was trained for"
+    )
+    max_in_flight: int = Field(64, ge=1, description="recommendations in flight before 503")
+    max_batch_requests: int = Field(64, ge=1, description="requests per /recommend/batch call")
+    max_history: int | None = Field(
+        None, ge=1, description="history items in the prompt; default: the preset's H"
+    )
+    extra_items: int = Field(5, ge=0, description="items generated beyond k (room for filtering)")
+    max_body_bytes: int = Field(MIB, ge=1024, description="larger request bodies get 413")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After of a 503")
+    calibration_requests: int = Field(
+        16, ge=0, description="prompts of the start-up speedup calibration (0: off)"
+    )
+    data_dir: Path | None = Field(None, description="datasets folder, for the popularity fallback")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_batch_size: int = Field(32, ge=1, description="engine batch (vLLM: max_num_seqs)")
+    device: str = Field("cpu", description="reference engine device (cpu, cuda, cuda:N)")
+    vllm_enforce_eager: bool = False
+    vllm_kv_cache_gib: float | None = Field(None, gt=0, description="vLLM KV cache size")
+    vllm_args: dict = Field(default_factory=dict, description="extra vLLM AsyncEngineArgs (JSON)")
+    log_level: str = "info"

@@ -1,0 +1,162 @@
+"""The HTTP server on the tiny build with the vLLM engine and the padrec head.
+
+One app per module: two engine starts (the plain calibration engine, then the speculative one).
+Engine-independent edge cases are covered more widely in test_server.py; the same bad-input
+table runs here against the vLLM app."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+pytest.importorskip("vllm")
+from fastapi.testclient import TestClient
+from test_server import BAD_INPUTS, MIB, check_answer, model_items, wait_ready
+
+from padrec_vllm.catalog.catalog import Catalog
+from server import Settings, create_app
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def client(tiny_artifacts, synth_data_dir):
+    settings = Settings(
+        artifacts=tiny_artifacts,
+        engine="vllm",
+        head="padrec",
+        data_dir=synth_data_dir,
+        calibration_requests=4,
+        max_batch_size=8,
+        vllm_enforce_eager=True,
+        vllm_kv_cache_gib=1,
+        max_batch_requests=4,
+    )
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c, timeout_s=900)
+        yield c
+
+
+@pytest.fixture(scope="module")
+def catalog(tiny_artifacts) -> Catalog:
+    return Catalog.load(tiny_artifacts)
+
+
+def metric_values(text: str) -> dict[str, float]:
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+def test_ready_with_a_lossless_calibration(client):
+    ready = client.get("/readyz").json()
+    assert (
+        ready["engine"] == "vllm" and ready["head"] == "padrec" and ready["num_draft_tokens"] == 3
+    )
+    calib = ready["calibration"]
+    assert calib["requests"] == 4 and calib["identical_rate"] == 1.0
+    assert calib["speedup"] > 0 and calib["tau"] >= 1.0
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("k", [1, 10])
+def test_recommend(client, catalog, k):
+    history = [3, 4, 5, 6]
+    body = client.post("/recommend", json={"history": history, "k": k}).json()
+    check_answer(body, catalog, history, k)
+    assert body["engine"] == "vllm" and body["head"] == "padrec"
+    spec = body["spec"]
+    assert 0 < spec["draft_tokens"] <= 3 * spec["target_forwards"] and spec["tau"] >= 1.0
+    assert len(spec["acceptance_by_position"]) == 3
+
+
+def test_same_items_as_the_reference_engine(client, catalog, tiny_artifacts):
+    """vLLM + head emits the plain greedy list of the same target (float32)."""
+    from padrec_vllm.catalog.tokens import EOS_ID
+    from padrec_vllm.decoding import generate
+    from padrec_vllm.model.target import load_target
+
+    target = load_target(tiny_artifacts / "target")
+    budget = client.app.state.server.recommender.budget
+    for history in ([1, 2, 3], [40, 41, 42, 43, 44], [90]):
+        prompt = catalog.prompt_ids(history, 5)
+        plain = generate(
+            target, [prompt], max_new_tokens=budget(4, len(prompt)), eos_id=EOS_ID, batch_size=1
+        )[0]
+        body = client.post("/recommend", json={"history": history, "k": 4}).json()
+        got = [it["item_id"] for it in body["items"] if it["source"] == "model"]
+        assert got == model_items(catalog, plain.tokens, history, 4)
+        assert body["generation"]["items"] == len(catalog.parse(plain.tokens).items)
+
+
+@pytest.mark.parametrize("name,payload,status,needle", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input(client, name, payload, status, needle):
+    r = client.post("/recommend", json=payload)
+    assert r.status_code == status and needle in r.json()["message"], r.text
+
+
+def test_other_edge_cases(client, catalog):
+    r = client.post("/recommend", json={"history": [1, 99999], "k": 3, "unknown_items": "ignore"})
+    assert r.status_code == 200 and r.json()["history"]["unknown_dropped"] == [99999]
+    body = client.post("/recommend", json={"history": [], "k": 3}).json()
+    assert body["history"]["cold_start"] and len(body["items"]) == 3
+    body = client.post("/recommend", json={"history": list(range(1, 21)), "k": 3}).json()
+    assert body["history"]["truncated"] and body["history"]["used"] == 5
+    r = client.post("/recommend", content=b"{", headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    r = client.post(
+        "/recommend",
+        content=b"[" + b"1," * MIB + b"1]",
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 413
+
+
+def test_batch(client, catalog):
+    reqs = [
+        {"history": [1, 2], "k": 3, "user_id": "a"},
+        {"history": [60, 61], "k": 5, "user_id": "b"},
+    ]
+    out = client.post("/recommend/batch", json={"requests": reqs}).json()["responses"]
+    assert [o["user_id"] for o in out] == ["a", "b"]
+    for req, o in zip(reqs, out):
+        check_answer(o, catalog, req["history"], req["k"])
+    r = client.post("/recommend/batch", json={"requests": [{"history": [1]}] * 5})
+    assert r.status_code == 422 and "at most 4" in r.json()["message"]
+
+
+def test_metrics_agree_with_vllm(client):
+    before = metric_values(client.get("/metrics").text)
+    body = client.post("/recommend", json={"history": [20, 21, 22], "k": 5}).json()
+    vllm_accepted = next(
+        k for k in before if k.startswith("vllm:spec_decode_num_accepted_tokens_total")
+    )
+    vllm_drafts = next(k for k in before if k.startswith("vllm:spec_decode_num_draft_tokens_total"))
+    deadline = time.monotonic() + 5
+    while True:  # vLLM records its stats just after handing out the output
+        after = metric_values(client.get("/metrics").text)
+        if after[vllm_drafts] > before[vllm_drafts] or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    spec = body["spec"]
+    assert after[vllm_accepted] - before[vllm_accepted] == spec["accepted_tokens"]
+    assert after[vllm_drafts] - before[vllm_drafts] == spec["draft_tokens"]
+    assert (
+        after["padrec_accepted_tokens_total"] - before["padrec_accepted_tokens_total"]
+        == spec["accepted_tokens"]
+    )
+    for series in [
+        'padrec_speedup{method="calibration"}',
+        'padrec_speedup{method="live"}',
+        "padrec_calibration_identical_output_ratio",
+        'padrec_drafted_by_slot_total{slot="level0"}',
+        'padrec_accepted_by_position_total{position="1"}',
+        "padrec_acceptance_length_count",
+        "padrec_invalid_items_total",
+        "padrec_in_flight_requests",
+    ]:
+        assert series in after, series
+    assert after["padrec_calibration_identical_output_ratio"] == 1.0
