@@ -8,7 +8,8 @@ machine noise hits every method alike; a warm-up batch per method is excluded. `
      "quality": {"recall_at_10", "ndcg_at_10", "invalid_item_rate", "duplicate_rate"},
      "methods": {"<name>": {"wall_s", "tokens_per_s", "latency_ms": {"p50", "p95"}, "tau",
                             "accept_by_pos": [...], "accept_by_slot": {...}, "speedup",
-                            "identical_rate", "head_forward_ms"}}}
+                            "identical_rate", "head_forward_ms", "target_forwards",
+                            "draft_forwards", "time_split_s": {"prefill", "draft", "verify"}}}}
 
 ``latency_ms`` is per request: the wall time of the batch it was decoded in. ``accept_by_slot``
 is keyed by slot name (``L0``.. for SID levels, ``sep``, ``special``).
@@ -147,6 +148,9 @@ def bench_result(cfg: BenchConfig, setup: BenchSetup, runs: dict[str, MethodRun]
             "speedup": runs["ar"].wall_s / run.wall_s,
             "identical_rate": identical_output_rate(run.results, runs["ar"].results),
             "head_forward_ms": head_forward_ms.get(name),
+            "target_forwards": agg.target_forwards,
+            "draft_forwards": agg.draft_forwards,
+            "time_split_s": {"prefill": agg.prefill_s, "draft": agg.draft_s, "verify": agg.verify_s},
         }
     return {
         "dataset": setup.info["dataset"], "preset": setup.info["preset"], "engine": cfg.engine,
