@@ -131,7 +131,7 @@ def bench_setup(cfg: BenchConfig, builtin: tuple[str, ...] = ("ar",)) -> BenchSe
 
 
 def bench_result(cfg: BenchConfig, setup: BenchSetup, runs: dict[str, MethodRun],
-                 head_forward_ms: dict[str, float | None]) -> dict:
+                 head_forward_ms: dict[str, float | None], engine: str) -> dict:
     """The bench JSON (module docstring) from every method's run; ``runs`` must hold ``ar``."""
     quality = list_quality(setup.catalog, [r.tokens for r in runs["ar"].results], setup.users.targets).as_dict()
     snames = slot_names(setup.catalog.layout)
@@ -153,7 +153,7 @@ def bench_result(cfg: BenchConfig, setup: BenchSetup, runs: dict[str, MethodRun]
             "time_split_s": {"prefill": agg.prefill_s, "draft": agg.draft_s, "verify": agg.verify_s},
         }
     return {
-        "dataset": setup.info["dataset"], "preset": setup.info["preset"], "engine": cfg.engine,
+        "dataset": setup.info["dataset"], "preset": setup.info["preset"], "engine": engine,
         "device": _device_name(cfg.device), "users": len(setup.users.users), "k": setup.k,
         "batch_size": cfg.batch_size,
         "quality": {key: quality[key] for key in ("recall_at_10", "ndcg_at_10", "invalid_item_rate", "duplicate_rate")},
@@ -199,7 +199,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             latency[name] += [1000 * secs] * len(chunk)
     runs = {n: MethodRun(results[n], wall[n], latency[n]) for n in names}
     head_ms = time_head_forwards({n: h for n, h in heads.items() if h is not None}, target, cfg.batch_size)
-    return bench_result(cfg, setup, runs, head_ms)
+    return bench_result(cfg, setup, runs, head_ms, engine="reference")
 
 
 def _device_name(device: str) -> str:

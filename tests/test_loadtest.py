@@ -78,7 +78,7 @@ def test_locust_smoke_has_zero_failures(server, synth_data_dir, tmp_path):
     from synthetic import NAME
 
     out = subprocess.run(
-        RUN + ["run", "--host", server, "--users", "2", "--duration", "10s", "--k", "3",
+        RUN + ["run", "--host", server, "--users", "2", "--duration", "30s", "--k", "3",
                "--dataset", NAME, "--data-dir", str(synth_data_dir), "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
     assert out.returncode == 0, out.stdout + out.stderr + (tmp_path / "run-u2.log").read_text()

@@ -126,4 +126,5 @@ def run_vllm_bench(cfg: BenchConfig, *, enforce_eager: bool = False) -> dict:
                          enforce_eager=enforce_eager)
         for name in names
     }
-    return bench_result(cfg, setup, runs, head_forward_ms={})  # vLLM does not time its drafter apart
+    # vLLM does not time its drafter apart: no head_forward_ms
+    return bench_result(cfg, setup, runs, head_forward_ms={}, engine="vllm")
