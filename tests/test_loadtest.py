@@ -93,7 +93,7 @@ def test_locust_smoke_has_zero_failures(server, synth_data_dir, tmp_path):
 def test_sweep_runs_speculation_on_and_off(tiny_artifacts, synth_data_dir, tmp_path):
     out = subprocess.run(
         RUN + ["sweep", "--artifacts", str(tiny_artifacts), "--engine", "reference", "--users", "1",
-               "--duration", "6s", "--k", "3", "--data-dir", str(synth_data_dir),
+               "--duration", "20s", "--k", "3", "--data-dir", str(synth_data_dir),
                "--env", "PADREC_CALIBRATION_REQUESTS=0", "--ready-timeout", "600",
                "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=900, cwd=REPO, check=False)
