@@ -12,6 +12,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 from synthetic import NAME, write_synthetic  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-matmul tests: OpenMP threads only spin against
+    whatever else runs on the machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def target():
+    """A random tiny Llama target (tests/tiny_models.py)."""
+    from tiny_models import tiny_target
+
+    return tiny_target()
+
+
 @pytest.fixture(scope="session")
 def synth_data_dir(tmp_path_factory) -> Path:
     return write_synthetic(tmp_path_factory.mktemp("data"))

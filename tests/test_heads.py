@@ -30,18 +30,7 @@ STEP = {"padrec.step_emb.weight": (4, 64)}  # num_steps 3 + unused row 0
 GATE = {"padrec.gate.weight": (1, 128), "padrec.gate.bias": (1,)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls: OpenMP threads only spin against whatever else runs on the machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def target():
-    return tiny_target()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _shapes(head: DraftHead) -> dict[str, tuple[int, ...]]:
