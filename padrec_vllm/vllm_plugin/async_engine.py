@@ -17,6 +17,8 @@ speculative engine starts; both runs use the same prompts, settings and machine.
 
 from __future__ import annotations
 
+import os
+
 import asyncio
 import time
 import uuid
@@ -31,6 +33,9 @@ from padrec_vllm.engine_api import (
     generation_from_rounds,
     load_slot_table,
 )
+
+
+CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30  # without PADREC_VLLM_KV_CACHE_GIB or VLLM_CPU_KVCACHE_SPACE
 
 
 class VllmEngine:
@@ -93,6 +98,10 @@ class VllmEngine:
         }
         if c.vllm_kv_cache_bytes is not None:
             fields["kv_cache_memory_bytes"] = c.vllm_kv_cache_bytes
+        elif c.device == "cpu" and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            # vLLM's CPU default claims ~92% of the NUMA node's memory and fails to start on a
+            # shared machine; recommendation prompts are short, 1 GiB holds thousands of them.
+            fields["kv_cache_memory_bytes"] = CPU_DEFAULT_KV_CACHE_BYTES
         if speculative:
             fields["speculative_config"] = {
                 "method": "eagle",
