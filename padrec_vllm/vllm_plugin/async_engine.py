@@ -17,9 +17,8 @@ speculative engine starts; both runs use the same prompts, settings and machine.
 
 from __future__ import annotations
 
-import os
-
 import asyncio
+import os
 import time
 import uuid
 
