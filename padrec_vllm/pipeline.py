@@ -20,6 +20,7 @@ from padrec_vllm.catalog.prepare import prepare
 from padrec_vllm.catalog.rq import QuantiserConfig
 from padrec_vllm.data.examples import list_examples
 from padrec_vllm.data.s3rec import Dataset, leave_one_out, load_dataset
+from padrec_vllm.errors import UserError
 from padrec_vllm.eval.evaluate import evaluate_target, max_new_tokens, sample_test_users
 from padrec_vllm.model.target import load_target, new_target
 from padrec_vllm.presets import TargetPreset
@@ -129,7 +130,6 @@ def build(dataset_name: str, preset: TargetPreset, out: Path, data_dir: str | No
     if paths.build_info.exists():
         info = paths.read_build_info()
         if (info.get("dataset"), info.get("preset")) != (dataset_name, preset.name):
-            from padrec_vllm.errors import UserError
             raise UserError(f"{paths.root} holds a build of {info.get('dataset')}/{info.get('preset')}; "
                             f"use another --out for {dataset_name}/{preset.name}")
     else:

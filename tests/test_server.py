@@ -149,13 +149,15 @@ def test_recommend_returns_k_items(client, catalog, k):
     assert not body["history"]["truncated"] and body["history"]["used"] == 4
 
 
-def test_model_items_are_the_greedy_list(client, catalog, tiny_artifacts):
-    """Speculation is lossless: the model items are the target's plain greedy list, filtered."""
+def assert_model_items_are_greedy(client, catalog: Catalog, target_dir: Path,
+                                  check_generation: bool = False) -> None:
+    """The server's model items equal the target's plain greedy list, filtered (any engine);
+    with ``check_generation``, the response's generated item count matches that list too."""
     from padrec_vllm.catalog.tokens import EOS_ID
     from padrec_vllm.decoding import generate
     from padrec_vllm.model.target import load_target
 
-    target = load_target(Path(tiny_artifacts) / "target")
+    target = load_target(Path(target_dir))
     budget = client.app.state.server.recommender.budget
     for history in ([1, 2, 3], [40, 41, 42, 43, 44], [90]):
         prompt = catalog.prompt_ids(history, 5)
@@ -165,6 +167,13 @@ def test_model_items_are_the_greedy_list(client, catalog, tiny_artifacts):
         body = client.post("/recommend", json={"history": history, "k": 4}).json()
         got = [it["item_id"] for it in body["items"] if it["source"] == "model"]
         assert got == model_items(catalog, plain.tokens, history, 4)
+        if check_generation:
+            assert body["generation"]["items"] == len(catalog.parse(plain.tokens).items)
+
+
+def test_model_items_are_the_greedy_list(client, catalog, tiny_artifacts):
+    """Speculation is lossless: the model items are the target's plain greedy list, filtered."""
+    assert_model_items_are_greedy(client, catalog, Path(tiny_artifacts) / "target")
 
 
 def test_exclude_history_false_allows_history_items(client, catalog):

@@ -7,12 +7,13 @@ table runs here against the vLLM app."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("vllm")
 from fastapi.testclient import TestClient
-from test_server import BAD_INPUTS, MIB, check_answer, model_items, wait_ready
+from test_server import BAD_INPUTS, MIB, assert_model_items_are_greedy, check_answer, wait_ready
 
 from padrec_vllm.catalog.catalog import Catalog
 from server import Settings, create_app
@@ -75,21 +76,7 @@ def test_recommend(client, catalog, k):
 
 def test_same_items_as_the_reference_engine(client, catalog, tiny_artifacts):
     """vLLM + head emits the plain greedy list of the same target (float32)."""
-    from padrec_vllm.catalog.tokens import EOS_ID
-    from padrec_vllm.decoding import generate
-    from padrec_vllm.model.target import load_target
-
-    target = load_target(tiny_artifacts / "target")
-    budget = client.app.state.server.recommender.budget
-    for history in ([1, 2, 3], [40, 41, 42, 43, 44], [90]):
-        prompt = catalog.prompt_ids(history, 5)
-        plain = generate(
-            target, [prompt], max_new_tokens=budget(4, len(prompt)), eos_id=EOS_ID, batch_size=1
-        )[0]
-        body = client.post("/recommend", json={"history": history, "k": 4}).json()
-        got = [it["item_id"] for it in body["items"] if it["source"] == "model"]
-        assert got == model_items(catalog, plain.tokens, history, 4)
-        assert body["generation"]["items"] == len(catalog.parse(plain.tokens).items)
+    assert_model_items_are_greedy(client, catalog, Path(tiny_artifacts) / "target", check_generation=True)
 
 
 @pytest.mark.parametrize("name,payload,status,needle", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])

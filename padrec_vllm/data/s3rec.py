@@ -117,7 +117,7 @@ def _parse_sequences(path: Path) -> dict[int, list[int]]:
     return sequences
 
 
-def _parse_item_meta(path: Path, attr_names: dict[int, str | None]) -> dict[int, ItemInfo]:
+def _parse_item_meta(path: Path) -> dict[int, ItemInfo]:
     items: dict[int, ItemInfo] = {}
     for lineno, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
@@ -164,7 +164,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Datase
             raise UserError(f"corrupt {names_path}: expected an object attr_id -> name")
         attr_names = {int(k): v for k, v in raw_names.items()}
     meta_path = root / f"{name}_item_meta.jsonl"
-    items = _parse_item_meta(meta_path, attr_names) if meta_path.exists() else {}
+    items = _parse_item_meta(meta_path) if meta_path.exists() else {}
     if not items and attr_names:
         items = {
             i: ItemInfo(attributes=tuple(attr_names[a] for a in attrs if attr_names.get(a)))
