@@ -43,8 +43,10 @@ PRESETS: dict[str, TargetPreset] = {
                      history=5, list_len=4, batch_size=32, lr=3e-3, max_steps=60, warmup_steps=10,
                      max_train_users=300, eval_users=50, codebook_size=16,
                      head_steps=40, head_users=64, head_batch_size=16, num_draft_tokens=3),
-        TargetPreset("demo", num_layers=4, hidden_size=256, num_heads=4, intermediate_size=768,
-                     lr=2e-3, max_steps=1000, warmup_steps=100, eval_users=2000,
+        # 4 narrow layers: on 2 CPU cores 1500 steps (~0.7 epoch of Beauty) take ~6 min, and the
+        # result beats most-popular on NDCG@10 (a 4x256 target got half an epoch in 25 min)
+        TargetPreset("demo", num_layers=4, hidden_size=128, num_heads=2, intermediate_size=384,
+                     lr=3e-3, max_steps=1500, warmup_steps=100, eval_users=2000,
                      head_steps=400, head_users=1500),
         TargetPreset("bench", num_layers=8, hidden_size=384, num_heads=6, intermediate_size=1024,
                      batch_size=256, lr=1e-3, max_steps=6000, warmup_steps=300, eval_users=22363,

@@ -223,6 +223,33 @@ def test_save_load_roundtrip(target, tmp_path, kind, switches, arch):
             assert torch.equal(got, want)
 
 
+VARIANTS = [("eagle", {}), ("padrec", {}), ("padrec", {"use_gate": False}),
+            ("padrec", {"use_step_emb": False}), ("padrec", {"use_item_emb": False})]
+
+
+@pytest.mark.parametrize("kind,switches", VARIANTS, ids=["eagle", "padrec", "no_gate", "no_step", "no_item"])
+def test_cpu_folded_inference_matches_the_unfolded_form_and_follows_updates(target, kind, switches):
+    head = tiny_head(target, kind, **switches)
+    embed = copy.deepcopy(target.get_input_embeddings())
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for prm in head.parameters():  # move every PAD-Rec term away from its small init
+            prm.add_(0.2 * torch.randn_like(prm))
+    ids, feats = torch.randint(0, LAYOUT.vocab_size, (2, 5)), torch.randn(2, 5, 64)
+    args = (ids, feats, torch.arange(5).expand(2, -1))
+    for step in (1, 2, 3, 4):
+        unfolded = head(*args, step=step, embed=embed).detach()  # grad enabled: unfolded path
+        with torch.no_grad():
+            folded = head(*args, step=step, embed=embed)
+            assert head._tables_key is not None  # the folded path ran
+        torch.testing.assert_close(folded, unfolded, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # in-place updates of the embedding or fc invalidate the tables
+        embed.weight.mul_(1.5)
+        head.fc.weight.mul_(0.5)
+        folded = head(*args, step=2, embed=embed)
+    torch.testing.assert_close(folded, head(*args, step=2, embed=embed).detach(), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.gpu
 def test_fused_cuda_kernel_matches_the_formula():
     if not torch.cuda.is_available():

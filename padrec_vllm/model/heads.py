@@ -28,10 +28,18 @@ largest (and alpha != 0 lets item_emb learn from the first step).
 
 Overhead over eagle, kept small for decoding: the parameter-only terms (the per-token table
 ``alpha * item_emb[slot_of_token]`` [V, H], and the step half of the gate logit) are cached while
-no gradient is recorded, leaving five small ops per forward: a gather, an add, a [B, T, H] x [H]
-dot with bias, a sigmoid and an addcmul. On CUDA without autograd those five run as one Triton
-kernel (``fused_kernel``; fp32 inside): measured on an H100, bf16, a 512-wide head step under CUDA
-graph replay costs 1.3-1.8% more than eagle's at batch 1/8/32 (unfused: 7.5-12%).
+no gradient is recorded. On CUDA the rest (a gather, an add, a [B, T, H] x [H] dot with bias, a
+sigmoid and an addcmul) runs as one Triton kernel (``fused_kernel``; fp32 inside): measured on an
+H100, bf16, a 512-wide head step under CUDA graph replay costs 1.3-1.8% more than eagle's at
+batch 1/8/32 (unfused: 7.5-12%). On CPU, where each small op costs about as much as a small
+matmul, inference folds the input side into tables for both head kinds (``_decode_tables``)::
+
+    fc([emb(x); f]) = T[x] + W_f f,   T = emb.weight @ W_x^T                  # [V, H]
+    padrec: T += alpha * item_emb[slot_of_token]; the gate's u-half w_u is appended as one more
+            output column (T @ w_u^T and w_u @ W_f), so the gate logit comes out of the same matmul
+
+so a padrec step adds only a slice, a sigmoid and an addcmul to eagle's (same math, different
+float rounding only).
 
 Steps beyond ``num_steps`` reuse the last step embedding (a head trained for K steps can be run
 with more draft tokens).
@@ -334,6 +342,23 @@ class _PadRecTerms(NamedTuple):
     w_u: torch.Tensor | None  # [1, H]: the gate's weights on u
 
 
+class _DecodeTables(NamedTuple):
+    """CPU inference form of ``fc`` plus the PAD-Rec terms (see the module docstring)."""
+
+    tokens: torch.Tensor  # [V, H] (eagle, padrec without gate) or [V, H + 1] (gate logit column)
+    features: torch.Tensor  # [H, H] or [H + 1, H]: W_f, with w_u @ W_f appended under a gate
+    step_vecs: tuple[torch.Tensor, ...] | None  # K+1 x [H]
+    step_logits: tuple[torch.Tensor, ...] | None  # K+1 x [1]
+
+
+def _param_key(tensors: list[torch.Tensor]) -> tuple | None:
+    """Identity of ``tensors``' current values (storage and version counter), or None when they
+    cannot be tracked (gradients recorded, or tensors made under ``torch.inference_mode``)."""
+    if torch.is_grad_enabled() or any(t.is_inference() for t in tensors):
+        return None
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
 class PadRecExtras(nn.Module):
     """PAD-Rec parameters; which exist depends on the ablation switches."""
 
@@ -380,6 +405,8 @@ class DraftHead(nn.Module):
         self._terms_key: tuple | None = None  # cache of _padrec_terms() for inference
         self.fused_kernel = True  # inference on CUDA: the PAD-Rec terms as one Triton kernel
         self._terms: _PadRecTerms | None = None
+        self._tables_key: tuple | None = None  # cache of _decode_tables() (CPU inference)
+        self._tables: _DecodeTables | None = None
         self._init_weights()
 
     @property
@@ -421,10 +448,14 @@ class DraftHead(nn.Module):
             raise ValueError(f"draft step must be >= 1, got {step}")
         if cache is not None and attention_mask is not None:
             raise ValueError("attention_mask is for cache-free (training) calls only")
-        x = embed(input_ids).to(features.dtype)  # [B, T, H]
-        u = self.fc(torch.cat((x, features), dim=-1))  # [B, T, H]
-        if self.padrec is not None:
-            u = self._add_positions(u, input_ids, step)
+        tables = None if features.is_cuda else self._decode_tables(embed)
+        if tables is not None:
+            u = self._folded_input(tables, input_ids, features, step)  # [B, T, H]
+        else:
+            x = embed(input_ids).to(features.dtype)  # [B, T, H]
+            u = self.fc(torch.cat((x, features), dim=-1))  # [B, T, H]
+            if self.padrec is not None:
+                u = self._add_positions(u, input_ids, step)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, u.dtype)
         return self.layers[0](u, cos, sin, position_ids, cache, attention_mask)  # [B, T, H]
 
@@ -450,6 +481,48 @@ class DraftHead(nn.Module):
                 u = u + s  # [B, T, H]
         return u
 
+    def _folded_input(self, t: _DecodeTables, input_ids: torch.Tensor, features: torch.Tensor,
+                      step: int) -> torch.Tensor:
+        """``fc`` input plus the PAD-Rec terms from the folded tables -> u [B, T, H]."""
+        u = F.embedding(input_ids, t.tokens) + F.linear(features, t.features)  # [B, T, H(+1)]
+        if t.step_vecs is None:
+            return u
+        k = min(step, self.config.num_steps)
+        if t.step_logits is None:
+            return u + t.step_vecs[k]  # no gate: plain add
+        h = self.config.hidden_size
+        gate = torch.sigmoid(u[..., h:] + t.step_logits[k])  # [B, T, 1]
+        return torch.addcmul(u[..., :h], gate, t.step_vecs[k])  # [B, T, H]
+
+    def _decode_tables(self, embed: nn.Module) -> _DecodeTables | None:
+        """The folded input tables, cached while no gradient is recorded and keyed on the values of
+        the head's parameters and ``embed``'s weight; None when they cannot be cached (then the
+        caller takes the unfolded path)."""
+        params = [embed.weight, *self.parameters()]
+        key = _param_key(params)
+        if key is None:
+            return None
+        if self._tables_key == key:
+            return self._tables
+        h = self.config.hidden_size
+        w_x, w_f = self.fc.weight.split(h, dim=1)  # [H, H] each
+        tokens = embed.weight.float() @ w_x.float().t()  # [V, H]
+        features = w_f.float()  # [H, H]
+        step_vecs = step_logits = None
+        if self.padrec is not None:
+            terms = self._padrec_terms()
+            if terms.item_table is not None:
+                tokens = tokens + terms.item_table.float()
+            step_vecs, step_logits = terms.step_vecs, terms.step_logits
+            if terms.w_u is not None:
+                w_u = terms.w_u.float()  # [1, H]
+                tokens = torch.cat((tokens, tokens @ w_u.t()), 1)  # [V, H + 1]
+                features = torch.cat((features, w_u @ features), 0)  # [H + 1, H]
+        dtype = self.fc.weight.dtype
+        self._tables = _DecodeTables(tokens.to(dtype), features.to(dtype), step_vecs, step_logits)
+        self._tables_key = key
+        return self._tables
+
     def _padrec_terms(self) -> _PadRecTerms:
         """The parameter-only part of the PAD-Rec terms.
 
@@ -459,12 +532,9 @@ class DraftHead(nn.Module):
         version counter and are never cached).
         """
         p, cfg = self.padrec, self.config
-        key = None
-        params = list(p.parameters())
-        if not torch.is_grad_enabled() and not any(t.is_inference() for t in params):
-            key = tuple((t.data_ptr(), t._version) for t in params)
-            if self._terms_key == key:
-                return self._terms
+        key = _param_key(list(p.parameters()))
+        if key is not None and self._terms_key == key:
+            return self._terms
         item_table = step_vecs = step_logits = w_u = None
         if cfg.has_item_emb:
             item_table = p.alpha * p.item_emb.weight[self.slot_of_token]  # [V, H]
