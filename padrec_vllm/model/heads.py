@@ -35,11 +35,12 @@ batch 1/8/32 (unfused: 7.5-12%). On CPU, where each small op costs about as much
 matmul, inference folds the input side into tables for both head kinds (``_decode_tables``)::
 
     fc([emb(x); f]) = T[x] + W_f f,   T = emb.weight @ W_x^T                  # [V, H]
-    padrec: T += alpha * item_emb[slot_of_token]; the gate's u-half w_u is appended as one more
-            output column (T @ w_u^T and w_u @ W_f), so the gate logit comes out of the same matmul
+    padrec: T += alpha * item_emb[slot_of_token], one table T_k per draft step k:
+            without a gate T_k = T + s_k; with one, the gate logit w_u . u + w_s . s_k + b_g is
+            appended as column H of T_k (T @ w_u^T + w_s . s_k + b_g) and of W_f (w_u @ W_f)
 
-so a padrec step adds only a slice, a sigmoid and an addcmul to eagle's (same math, different
-float rounding only).
+so a gated padrec step adds only a sigmoid and an addcmul to eagle's, and the other variants
+nothing (same math, different float rounding only).
 
 Steps beyond ``num_steps`` reuse the last step embedding (a head trained for K steps can be run
 with more draft tokens).
@@ -345,10 +346,9 @@ class _PadRecTerms(NamedTuple):
 class _DecodeTables(NamedTuple):
     """CPU inference form of ``fc`` plus the PAD-Rec terms (see the module docstring)."""
 
-    tokens: torch.Tensor  # [V, H] (eagle, padrec without gate) or [V, H + 1] (gate logit column)
-    features: torch.Tensor  # [H, H] or [H + 1, H]: W_f, with w_u @ W_f appended under a gate
-    step_vecs: tuple[torch.Tensor, ...] | None  # K+1 x [H]
-    step_logits: tuple[torch.Tensor, ...] | None  # K+1 x [1]
+    tokens: tuple[torch.Tensor, ...]  # K+1 x [V, H'] by draft step; H' = H + 1 under a gate
+    features_t: torch.Tensor  # [H, H']: W_f^T, with (w_u @ W_f)^T appended under a gate
+    step_vecs: tuple[torch.Tensor, ...] | None  # K+1 x [H], under a gate only
 
 
 def _param_key(tensors: list[torch.Tensor]) -> tuple | None:
@@ -484,42 +484,44 @@ class DraftHead(nn.Module):
     def _folded_input(self, t: _DecodeTables, input_ids: torch.Tensor, features: torch.Tensor,
                       step: int) -> torch.Tensor:
         """``fc`` input plus the PAD-Rec terms from the folded tables -> u [B, T, H]."""
-        u = F.embedding(input_ids, t.tokens) + F.linear(features, t.features)  # [B, T, H(+1)]
+        b, n, h = features.shape
+        k = min(step, self.config.num_steps)
+        x = F.embedding(input_ids, t.tokens[k]).flatten(0, 1)  # [B*T, H']
+        u = torch.addmm(x, features.reshape(b * n, h), t.features_t).view(b, n, -1)  # [B, T, H']
         if t.step_vecs is None:
             return u
-        k = min(step, self.config.num_steps)
-        if t.step_logits is None:
-            return u + t.step_vecs[k]  # no gate: plain add
-        h = self.config.hidden_size
-        gate = torch.sigmoid(u[..., h:] + t.step_logits[k])  # [B, T, 1]
-        return torch.addcmul(u[..., :h], gate, t.step_vecs[k])  # [B, T, H]
+        return torch.addcmul(u[..., :h], torch.sigmoid(u[..., h:]), t.step_vecs[k])  # [B, T, H]
 
     def _decode_tables(self, embed: nn.Module) -> _DecodeTables | None:
         """The folded input tables, cached while no gradient is recorded and keyed on the values of
         the head's parameters and ``embed``'s weight; None when they cannot be cached (then the
         caller takes the unfolded path)."""
-        params = [embed.weight, *self.parameters()]
-        key = _param_key(params)
+        key = _param_key([embed.weight, *self.parameters()])
         if key is None:
             return None
         if self._tables_key == key:
             return self._tables
-        h = self.config.hidden_size
-        w_x, w_f = self.fc.weight.split(h, dim=1)  # [H, H] each
-        tokens = embed.weight.float() @ w_x.float().t()  # [V, H]
-        features = w_f.float()  # [H, H]
-        step_vecs = step_logits = None
+        h, steps = self.config.hidden_size, self.config.num_steps + 1
+        w_x, w_f = self.fc.weight.float().split(h, dim=1)  # [H, H] each
+        base = embed.weight.float() @ w_x.t()  # [V, H]
+        features_t = w_f.t()  # [H, H]
+        tokens, step_vecs = [base] * steps, None
         if self.padrec is not None:
             terms = self._padrec_terms()
             if terms.item_table is not None:
-                tokens = tokens + terms.item_table.float()
-            step_vecs, step_logits = terms.step_vecs, terms.step_logits
-            if terms.w_u is not None:
+                base = base + terms.item_table.float()
+                tokens = [base] * steps
+            if terms.w_u is not None:  # gate: logit column, per-step constant inside
                 w_u = terms.w_u.float()  # [1, H]
-                tokens = torch.cat((tokens, tokens @ w_u.t()), 1)  # [V, H + 1]
-                features = torch.cat((features, w_u @ features), 0)  # [H + 1, H]
+                logit = base @ w_u.t()  # [V, 1]
+                tokens = [torch.cat((base, logit + c.float()), 1) for c in terms.step_logits]  # [V, H+1]
+                features_t = torch.cat((features_t, features_t @ w_u.t()), 1)  # [H, H + 1]
+                step_vecs = terms.step_vecs
+            elif terms.step_vecs is not None:  # no gate: s_k is a constant of step k
+                tokens = [base + s.float() for s in terms.step_vecs]
         dtype = self.fc.weight.dtype
-        self._tables = _DecodeTables(tokens.to(dtype), features.to(dtype), step_vecs, step_logits)
+        self._tables = _DecodeTables(tuple(t.to(dtype).contiguous() for t in tokens),
+                                     features_t.to(dtype).contiguous(), step_vecs)
         self._tables_key = key
         return self._tables
 
