@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from padrec_vllm.artifacts import ArtifactPaths
 from padrec_vllm.catalog.catalog import Catalog
@@ -190,7 +191,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     results: dict[str, list[RequestResult]] = {n: [] for n in names}
     wall = {n: 0.0 for n in names}
     latency: dict[str, list[float]] = {n: [] for n in names}
-    for i, start in enumerate(range(0, len(prompts), cfg.batch_size)):
+    starts = range(0, len(prompts), cfg.batch_size)
+    for i, start in enumerate(tqdm(starts, desc=f"bench {','.join(names)}", unit="batch")):
         chunk = prompts[start : start + cfg.batch_size]
         for name in names if i % 2 == 0 else names[::-1]:
             res, secs = run(name, chunk)

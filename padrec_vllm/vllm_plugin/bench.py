@@ -29,6 +29,8 @@ import os
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from padrec_vllm.artifacts import ArtifactPaths
 from padrec_vllm.bench import BenchConfig, MethodRun, bench_result, bench_setup
 from padrec_vllm.catalog.tokens import EOS_ID
@@ -95,7 +97,8 @@ def run_method(target: Path, spec: dict | None, prompts: list[list[int]], *, bat
 
         call(prompts[:batch_size])  # warm-up
         results, latency, wall = [], [], 0.0
-        for start in range(0, len(prompts), batch_size):
+        label = "ar" if spec is None else Path(spec["model"]).name if "model" in spec else spec["method"]
+        for start in tqdm(range(0, len(prompts), batch_size), desc=f"vllm bench {label}", unit="batch"):
             chunk = prompts[start : start + batch_size]
             t0 = time.perf_counter()
             outs = call(chunk)
