@@ -1,7 +1,8 @@
 """Named training presets: target size, data budget and evaluation size, one frozen record each.
 
 Training cost on the 2-core development machines (Hugging Face Llama, bf16 autocast):
-``tiny`` < 1 min (head size 32: the smallest vLLM's CPU attention supports), ``demo`` <= 10 min for the whole ``padrec build``, ``bench`` is meant for a
+``tiny`` < 1 min (head size 32: the smallest vLLM's CPU attention supports), ``demo`` 6 min of target
+training and 14 min for the whole ``padrec build`` on Beauty (docs/RESULTS.md), ``bench`` is meant for a
 GPU (seconds) or an hours-long background job on CPU.
 """
 
