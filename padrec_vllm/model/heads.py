@@ -505,20 +505,20 @@ class DraftHead(nn.Module):
         w_x, w_f = self.fc.weight.float().split(h, dim=1)  # [H, H] each
         base = embed.weight.float() @ w_x.t()  # [V, H]
         features_t = w_f.t()  # [H, H]
-        tokens, step_vecs = [base] * steps, None
-        if self.padrec is not None:
-            terms = self._padrec_terms()
-            if terms.item_table is not None:
-                base = base + terms.item_table.float()
-                tokens = [base] * steps
-            if terms.w_u is not None:  # gate: logit column, per-step constant inside
-                w_u = terms.w_u.float()  # [1, H]
-                logit = base @ w_u.t()  # [V, 1]
-                tokens = [torch.cat((base, logit + c.float()), 1) for c in terms.step_logits]  # [V, H+1]
-                features_t = torch.cat((features_t, features_t @ w_u.t()), 1)  # [H, H + 1]
-                step_vecs = terms.step_vecs
-            elif terms.step_vecs is not None:  # no gate: s_k is a constant of step k
-                tokens = [base + s.float() for s in terms.step_vecs]
+        terms = self._padrec_terms() if self.padrec is not None else _PadRecTerms(None, None, None, None)
+        if terms.item_table is not None:
+            base = base + terms.item_table.float()
+        step_vecs = None
+        if terms.w_u is not None:  # gate: logit column, per-step constant inside
+            w_u = terms.w_u.float()  # [1, H]
+            logit = base @ w_u.t()  # [V, 1]
+            tokens = [torch.cat((base, logit + c.float()), 1) for c in terms.step_logits]  # [V, H+1]
+            features_t = torch.cat((features_t, features_t @ w_u.t()), 1)  # [H, H + 1]
+            step_vecs = terms.step_vecs
+        elif terms.step_vecs is not None:  # no gate: s_k is a constant of step k
+            tokens = [base + s.float() for s in terms.step_vecs]
+        else:  # eagle, padrec without step embedding: one table for every step
+            tokens = [base] * steps
         dtype = self.fc.weight.dtype
         self._tables = _DecodeTables(tuple(t.to(dtype).contiguous() for t in tokens),
                                      features_t.to(dtype).contiguous(), step_vecs)
