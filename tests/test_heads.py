@@ -54,6 +54,16 @@ def test_parameter_set(target, kind, switches, extra):
     assert not any(p.startswith(("embed_tokens", "lm_head")) for p in head.state_dict())
 
 
+def test_every_variant_starts_from_the_same_body_under_one_seed(target):
+    """A controlled comparison: the PAD-Rec extras do not shift the shared body's initialisation."""
+    eagle = tiny_head(target, "eagle", seed=7).state_dict()
+    for switches in ({}, {"use_item_emb": False}, {"use_step_emb": False}, {"use_gate": False}):
+        padrec = tiny_head(target, "padrec", seed=7, **switches).state_dict()
+        for name, weight in eagle.items():
+            assert torch.equal(padrec[name], weight), (switches, name)
+    assert not torch.equal(tiny_head(target, "eagle", seed=8).state_dict()["fc.weight"], eagle["fc.weight"])
+
+
 def test_slot_table_matches_layout(target):
     head = tiny_head(target, "padrec")
     table = head.slot_of_token.tolist()

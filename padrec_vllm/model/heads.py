@@ -401,21 +401,26 @@ class DraftHead(nn.Module):
             self.register_buffer("slot_of_token", None, persistent=False)
         self.fc = nn.Linear(2 * h, h, bias=False)
         self.layers = nn.ModuleList([DecoderLayer(config)])
+        self._init_weights(self)
+        # created and initialised after the shared body, so that under one seed every head kind
+        # and ablation starts from the same body weights (a controlled comparison)
         self.padrec = PadRecExtras(config) if config.kind == "padrec" else None
+        if self.padrec is not None:
+            self._init_weights(self.padrec)
         self._terms_key: tuple | None = None  # cache of _padrec_terms() for inference
         self.fused_kernel = True  # inference on CUDA: the PAD-Rec terms as one Triton kernel
         self._terms: _PadRecTerms | None = None
         self._tables_key: tuple | None = None  # cache of _decode_tables() (CPU inference)
         self._tables: _DecodeTables | None = None
-        self._init_weights()
 
     @property
     def num_steps(self) -> int:
         return self.config.num_steps
 
-    def _init_weights(self) -> None:
+    def _init_weights(self, root: nn.Module) -> None:
+        """N(0, initializer_range) for every Linear/Embedding weight under ``root``, zero biases."""
         std = self.config.initializer_range
-        for module in self.modules():
+        for module in root.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=std)
                 if getattr(module, "bias", None) is not None:
