@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from padrec_vllm.model.head_checkpoint import load_head, save_head
 from padrec_vllm.model.heads import DraftHead, HeadConfig, rope_cos_sin
+from padrec_vllm.model.skinny_linear import SkinnyLinear, use_skinny_linears
 from tiny_models import LAYOUT, tiny_head, tiny_target
 
 EAGLE_PARAMS = {
@@ -219,6 +220,7 @@ def test_save_load_roundtrip(target, tmp_path, kind, switches, arch):
     assert set(load_file(str(tmp_path / "model.safetensors"))) == set(head.state_dict())
 
     loaded = load_head(tmp_path)
+    use_skinny_linears(head)  # as load_head does, so both run the same kernels
     assert loaded.config == head.config
     assert loaded.slot_of_token.tolist() == LAYOUT.slot_table()
     embed, lm_head = target.get_input_embeddings(), target.lm_head
@@ -258,6 +260,16 @@ def test_cpu_folded_inference_matches_the_unfolded_form_and_follows_updates(targ
         head.fc.weight.mul_(0.5)
         folded = head(*args, step=2, embed=embed)
     torch.testing.assert_close(folded, head(*args, step=2, embed=embed).detach(), atol=1e-4, rtol=1e-4)
+    # so does replacing a parameter object, directly or through load_state_dict(assign=True)
+    head.fc.weight = torch.nn.Parameter(head.fc.weight.detach() * 2)
+    with torch.no_grad():
+        folded = head(*args, step=3, embed=embed)
+    torch.testing.assert_close(folded, head(*args, step=3, embed=embed).detach(), atol=1e-4, rtol=1e-4)
+    state = {name: t.detach() * 0.7 for name, t in head.state_dict().items()}
+    head.load_state_dict(state, assign=True)
+    with torch.no_grad():
+        folded = head(*args, step=3, embed=embed)
+    torch.testing.assert_close(folded, head(*args, step=3, embed=embed).detach(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu
@@ -284,3 +296,20 @@ def test_fused_cuda_kernel_matches_the_formula():
             got = head16._add_positions(u, ids, step)  # fp32 inside, one bf16 rounding at the end
             assert got.dtype == torch.bfloat16
             torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_skinny_linear_matches_linear_and_keeps_training_on_the_plain_path():
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(48, 80, bias=True)
+    skinny = copy.deepcopy(plain)
+    assert use_skinny_linears(skinny) == 1 and type(skinny) is SkinnyLinear
+    assert skinny.state_dict().keys() == plain.state_dict().keys()
+    for shape in [(1, 48), (3, 5, 48), (2, 1, 48), (40, 48)]:  # few rows (W @ x^T) and many (F.linear)
+        x = torch.randn(*shape)
+        with torch.inference_mode():
+            want, got = plain(x), skinny(x)
+        assert got.shape == want.shape and got.is_contiguous()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 3, 48)
+    skinny(x).sum().backward()  # gradients flow through the training path
+    assert skinny.weight.grad is not None and skinny.weight.grad.shape == (80, 48)

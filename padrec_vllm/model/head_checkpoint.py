@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from padrec_vllm.model.heads import DraftHead, HeadConfig
+from padrec_vllm.model.skinny_linear import use_skinny_linears
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -90,7 +91,8 @@ def load_head(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
 ) -> DraftHead:
-    """Load a head saved by ``save_head``; ``dtype`` None keeps the checkpoint's."""
+    """Load a head saved by ``save_head``; ``dtype`` None keeps the checkpoint's. Its linears become
+    ``SkinnyLinear`` (cheap few-token CPU forwards)."""
     from transformers import LlamaConfig
 
     d = Path(directory)
@@ -112,5 +114,6 @@ def load_head(
     head = DraftHead(config, torch.tensor(slots, dtype=torch.long) if slots is not None else None)
     state = load_file(str(d / WEIGHTS_FILE))
     head.load_state_dict(state, strict=True)
+    use_skinny_linears(head)
     head = head.to(device)
     return head.to(dtype if dtype is not None else next(iter(state.values())).dtype)

@@ -273,8 +273,10 @@ class Attention(nn.Module):
                 mask = mask & (attention_mask[:, None, :].bool() | eye)  # [B, T, T]
         groups = self.num_heads // self.num_kv_heads
         q = q.transpose(1, 2)  # [B, Hq, T, D]
-        k = k.transpose(1, 2).repeat_interleave(groups, dim=1)  # [B, Hq, S, D]
-        v = v.transpose(1, 2).repeat_interleave(groups, dim=1)  # [B, Hq, S, D]
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, S, D]
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)  # [B, Hq, S, D]
+            v = v.repeat_interleave(groups, dim=1)  # [B, Hq, S, D]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])  # [B, Hq, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # [B, T, H]
 
@@ -346,17 +348,35 @@ class _PadRecTerms(NamedTuple):
 class _DecodeTables(NamedTuple):
     """CPU inference form of ``fc`` plus the PAD-Rec terms (see the module docstring)."""
 
-    tokens: tuple[torch.Tensor, ...]  # K+1 x [V, H'] by draft step; H' = H + 1 under a gate
+    tokens: tuple[torch.Tensor, ...]  # K+1 x [V, H'] by draft step; under a gate H' = H + 1 rounded up to 16
     features_t: torch.Tensor  # [H, H']: W_f^T, with (w_u @ W_f)^T appended under a gate
     step_vecs: tuple[torch.Tensor, ...] | None  # K+1 x [H], under a gate only
+
+
+_registrations = 0  # parameters registered on any module in this process (see _count_registration)
+
+
+def _count_registration(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    """Global hook: a parameter was (re)registered somewhere, e.g. ``module.weight = Parameter(...)``
+    or ``load_state_dict(assign=True)``, so cached parameter lists may be stale."""
+    global _registrations
+    _registrations += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
 
 
 def _param_key(tensors: list[torch.Tensor]) -> tuple | None:
     """Identity of ``tensors``' current values (storage and version counter), or None when they
     cannot be tracked (gradients recorded, or tensors made under ``torch.inference_mode``)."""
-    if torch.is_grad_enabled() or any(t.is_inference() for t in tensors):
+    if torch.is_grad_enabled():
         return None
-    return tuple((t.data_ptr(), t._version) for t in tensors)
+    key = []
+    for t in tensors:
+        if t.is_inference():
+            return None
+        key.append((t.data_ptr(), t._version))
+    return tuple(key)
 
 
 class PadRecExtras(nn.Module):
@@ -412,6 +432,9 @@ class DraftHead(nn.Module):
         self._terms: _PadRecTerms | None = None
         self._tables_key: tuple | None = None  # cache of _decode_tables() (CPU inference)
         self._tables: _DecodeTables | None = None
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [S, D] (decoding)
+        self._params: tuple[nn.Parameter, ...] = ()  # cache of _folded_parameters()
+        self._params_at = -1  # _registrations when _params was taken
 
     @property
     def num_steps(self) -> int:
@@ -461,8 +484,24 @@ class DraftHead(nn.Module):
             u = self.fc(torch.cat((x, features), dim=-1))  # [B, T, H]
             if self.padrec is not None:
                 u = self._add_positions(u, input_ids, step)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, u.dtype)
+        cos, sin = self._rope(position_ids, u.dtype, cache)  # [B, T, D] each
         return self.layers[0](u, cos, sin, position_ids, cache, attention_mask)  # [B, T, H]
+
+    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype,
+              cache: HeadCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos, sin [B, T, D] for ``position_ids`` [B, T]. Decoding (a cache, no gradient)
+        reads them from a table of ``cache.capacity`` positions built once, so a draft step costs
+        two lookups instead of the seven ops of ``rope_cos_sin``."""
+        cfg = self.config
+        if cache is None or torch.is_grad_enabled():
+            return rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, dtype)
+        table = self._rope_table
+        if (table is None or table[0].shape[0] < cache.capacity or table[0].dtype != dtype
+                or table[0].device != position_ids.device):
+            every = torch.arange(cache.capacity, device=position_ids.device)[None]  # [1, S]
+            cos, sin = rope_cos_sin(every, cfg.head_dim, cfg.rope_theta, dtype)  # [1, S, D] each
+            table = self._rope_table = (cos[0], sin[0])  # [S, D] each
+        return F.embedding(position_ids, table[0]), F.embedding(position_ids, table[1])
 
     def _add_positions(self, u: torch.Tensor, input_ids: torch.Tensor, step: int) -> torch.Tensor:
         terms = self._padrec_terms()
@@ -495,13 +534,23 @@ class DraftHead(nn.Module):
         u = torch.addmm(x, features.reshape(b * n, h), t.features_t).view(b, n, -1)  # [B, T, H']
         if t.step_vecs is None:
             return u
-        return torch.addcmul(u[..., :h], torch.sigmoid(u[..., h:]), t.step_vecs[k])  # [B, T, H]
+        return torch.addcmul(u[..., :h], torch.sigmoid(u[..., h : h + 1]), t.step_vecs[k])  # [B, T, H]
+
+    def _folded_parameters(self) -> tuple[nn.Parameter, ...]:
+        """The parameters folded into the decoding tables (``fc`` and the PAD-Rec extras), cached
+        until a parameter is registered anywhere: walking the modules on every forward cost 30-45 us,
+        a few percent of a CPU draft step. In-place updates and ``.to()`` keep the objects and
+        change their version or storage, which the table key sees."""
+        if self._params_at != _registrations:
+            extras = tuple(self.padrec.parameters()) if self.padrec is not None else ()
+            self._params, self._params_at = (self.fc.weight, *extras), _registrations
+        return self._params
 
     def _decode_tables(self, embed: nn.Module) -> _DecodeTables | None:
         """The folded input tables, cached while no gradient is recorded and keyed on the values of
-        the head's parameters and ``embed``'s weight; None when they cannot be cached (then the
+        the folded parameters and ``embed``'s weight; None when they cannot be cached (then the
         caller takes the unfolded path)."""
-        key = _param_key([embed.weight, *self.parameters()])
+        key = _param_key([embed.weight, *self._folded_parameters()])
         if key is None:
             return None
         if self._tables_key == key:
@@ -517,8 +566,10 @@ class DraftHead(nn.Module):
         if terms.w_u is not None:  # gate: logit column, per-step constant inside
             w_u = terms.w_u.float()  # [1, H]
             logit = base @ w_u.t()  # [V, 1]
-            tokens = [torch.cat((base, logit + c.float()), 1) for c in terms.step_logits]  # [V, H+1]
-            features_t = torch.cat((features_t, features_t @ w_u.t()), 1)  # [H, H + 1]
+            # the logit column, then zero columns up to a multiple of 16 (an odd width slows the matmul)
+            pad = -(h + 1) % 16
+            tokens = [F.pad(torch.cat((base, logit + c.float()), 1), (0, pad)) for c in terms.step_logits]  # [V, H']
+            features_t = F.pad(torch.cat((features_t, features_t @ w_u.t()), 1), (0, pad))  # [H, H']
             step_vecs = terms.step_vecs
         elif terms.step_vecs is not None:  # no gate: s_k is a constant of step k
             tokens = [base + s.float() for s in terms.step_vecs]
@@ -539,7 +590,7 @@ class DraftHead(nn.Module):
         version counter and are never cached).
         """
         p, cfg = self.padrec, self.config
-        key = _param_key(list(p.parameters()))
+        key = _param_key(list(self._folded_parameters()))  # fc too: a superset, still exact
         if key is not None and self._terms_key == key:
             return self._terms
         item_table = step_vecs = step_logits = w_u = None

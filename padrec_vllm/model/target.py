@@ -12,6 +12,7 @@ import torch
 
 from padrec_vllm.catalog.tokens import BOS_ID, EOS_ID, PAD_ID, TokenLayout
 from padrec_vllm.errors import UserError
+from padrec_vllm.model.skinny_linear import use_skinny_linears
 from padrec_vllm.presets import TargetPreset
 
 TARGET_DIR = "target"
@@ -46,10 +47,12 @@ def new_target(preset: TargetPreset, layout: TokenLayout, seed: int):
 
 
 def load_target(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load a saved target in eval mode. Raises UserError when the directory is not a checkpoint."""
+    """Load a saved target in eval mode, its linears as ``SkinnyLinear`` (cheap few-token CPU
+    forwards). Raises UserError when the directory is not a checkpoint."""
     from transformers import LlamaForCausalLM
 
     if not (Path(path) / "config.json").is_file():
         raise UserError(f"no target checkpoint at {path} (missing config.json; run `padrec build`)")
     model = LlamaForCausalLM.from_pretrained(str(path), dtype=dtype)
+    use_skinny_linears(model)
     return model.to(device).eval()
