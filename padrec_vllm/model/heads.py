@@ -49,6 +49,7 @@ with more draft tokens).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -366,7 +367,7 @@ def _count_registration(module: nn.Module, name: str, param: nn.Parameter | None
 torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
 
 
-def _param_key(tensors: list[torch.Tensor]) -> tuple | None:
+def _param_key(tensors: Sequence[torch.Tensor]) -> tuple | None:
     """Identity of ``tensors``' current values (storage and version counter), or None when they
     cannot be tracked (gradients recorded, or tensors made under ``torch.inference_mode``)."""
     if torch.is_grad_enabled():
@@ -590,7 +591,7 @@ class DraftHead(nn.Module):
         version counter and are never cached).
         """
         p, cfg = self.padrec, self.config
-        key = _param_key(list(self._folded_parameters()))  # fc too: a superset, still exact
+        key = _param_key(self._folded_parameters())  # fc too: a superset, still exact
         if key is not None and self._terms_key == key:
             return self._terms
         item_table = step_vecs = step_logits = w_u = None

@@ -3,11 +3,11 @@
 On CPU, ``F.linear`` on a handful of rows goes through a GEMM that packs the weight first, so a
 speculative verify over K+1 = 5 tokens cost about 1.4x a one-token step on our 2-core machines,
 although both read the same weights once (memory-bound). Multiplying the other way round,
-``W @ x^T``, streams the weight as it lies: 5 rows then cost about the same as 1
-(``benchmarks`` in docs/RESULTS.md). Same math, so outputs match ``F.linear`` up to float rounding.
+``W @ x^T``, streams the weight as it lies: 5 rows then cost about the same as 1 (figures in
+docs/RESULTS.md, bench preset section). Same math, so outputs match ``F.linear`` up to float rounding.
 
 ``use_skinny_linears(model)`` turns every plain ``nn.Linear`` of a model into a ``SkinnyLinear``
-in place (same parameters and state dict). Training, CUDA and wide inputs keep ``F.linear``.
+in place (same parameters and state dict). Training, other devices and wide inputs keep ``F.linear``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class SkinnyLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if x.is_cuda or rows > MAX_ROWS or rows == 0 or torch.is_grad_enabled() or x.dtype != self.weight.dtype:
+        if x.device.type != "cpu" or rows > MAX_ROWS or rows == 0 or torch.is_grad_enabled() or x.dtype != self.weight.dtype:
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, x.shape[-1])  # [N, in]
         out = torch.mm(self.weight, flat.t()).t()  # [N, out]
