@@ -61,20 +61,23 @@ def run_study(args) -> None:
     names = slot_names(catalog.layout)
     for seed in args.seeds:
         for variant in args.variants:
-            cfg = variant_config(variant, preset.num_draft_tokens, preset.head_steps, preset.head_batch_size, seed)
-            head_dir = Path(args.heads_out) / f"{variant}-s{seed}"
+            unroll = args.train_unroll or preset.num_draft_tokens
+            cfg = replace(variant_config(variant, unroll, preset.head_steps, preset.head_batch_size, seed),
+                          step_decay=args.step_decay)
+            tag = (f"-k{unroll}" if args.train_unroll else "") + (f"-d{args.step_decay:g}" if args.step_decay != 1 else "")
+            head_dir = Path(args.heads_out) / f"{variant}{tag}-s{seed}"
             rep = train_head(target, catalog, data, cfg, head_dir, args.device)
             head = load_head(head_dir, device=args.device, dtype=torch.float32).eval()
             res = generate(target, prompts, max_new_tokens=limit, eos_id=EOS_ID, batch_size=batch, head=head,
                            num_draft_tokens=preset.num_draft_tokens, progress=f"decode {variant} s{seed}")
             agg = aggregate(res)
             out["runs"].append({
-                "variant": variant, "seed": seed, "train_s": rep.seconds, "final_loss": rep.final_loss,
+                "variant": variant + tag, "seed": seed, "train_unroll": unroll, "step_decay": args.step_decay, "train_s": rep.seconds, "final_loss": rep.final_loss,
                 "final_top1": rep.final_top1, "tau": agg.tau, "accept_by_pos": agg.accept_rate_by_pos,
                 "accept_by_slot": {names[s]: r for s, r in agg.accept_rate_by_slot.items()},
                 "identical_rate": identical_output_rate(res, plain),
             })
-            print(f"[study] {variant} seed {seed}: tau {agg.tau:.4f}, identical "
+            print(f"[study] {variant}{tag} seed {seed}: tau {agg.tau:.4f}, identical "
                   f"{out['runs'][-1]['identical_rate']:.4f}, trained in {rep.seconds:.0f} s", flush=True)
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
@@ -102,7 +105,7 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
 def merge(args) -> None:
     parts = [json.loads(Path(p).read_text()) for p in args.merge]
     out = {k: v for k, v in parts[0].items() if k != "runs"}
-    out["runs"] = sorted((r for p in parts for r in p["runs"]), key=lambda r: (list(HEAD_VARIANTS).index(r["variant"]), r["seed"]))
+    out["runs"] = sorted((r for p in parts for r in p["runs"]), key=lambda r: (r["variant"], r["seed"]))
     out["summary"] = summarize(out["runs"])
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     for variant, row in out["summary"].items():
@@ -143,6 +146,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=None, help="override the preset's head steps (smoke runs)")
     ap.add_argument("--head-users", type=int, default=None, help="override the preset's distillation users")
+    ap.add_argument("--train-unroll", type=int, default=None,
+                    help="unroll this many steps in training instead of K (1 = teacher forcing, the EAGLE-1 "
+                         "recipe); decoding still drafts K tokens")
+    ap.add_argument("--step-decay", type=float, default=1.0,
+                    help="unrolled loss: step k weighs step_decay**(k-1) (default 1: equal weights)")
     ap.add_argument("--heads-out", default="runs/study-heads")
     ap.add_argument("--json", required=True)
     ap.add_argument("--merge", nargs="+", default=None, help="merge study JSON files into --json")

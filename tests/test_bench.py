@@ -46,6 +46,24 @@ def test_unrolled_training_sees_every_step(tiny_artifacts):
     assert seen == [1, 2, 3] and torch.isfinite(loss)
 
 
+def test_step_decay_weights_the_unrolled_steps(tiny_artifacts):
+    paths = ArtifactPaths(tiny_artifacts)
+    target, head = load_target(paths.target), load_head(paths.head("padrec"))
+    torch.manual_seed(0)
+    ids = torch.randint(5, target.config.vocab_size, (2, 12))
+    feats = torch.randn(2, 12, target.config.hidden_size)
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[:, 4:10] = True
+    pad = torch.ones(2, 12, dtype=torch.long)
+    per_step = [unrolled_loss(head, target, ids, feats, mask, pad, k, 1.0)[0] * k for k in (1, 2, 3)]
+    step = [per_step[0], per_step[1] - per_step[0], per_step[2] - per_step[1]]  # each step's own loss
+    for decay in (1.0, 0.5, 0.0):  # 0: step 1 alone
+        weights = [decay**k for k in range(3)]
+        want = sum(w * s for w, s in zip(weights, step)) / sum(weights)
+        got, _ = unrolled_loss(head, target, ids, feats, mask, pad, 3, 1.0, step_decay=decay)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_bench_is_lossless_and_shaped(tiny_artifacts, synth_data_dir, batch_size, tmp_path):
     result = run_bench(BenchConfig(artifacts=tiny_artifacts, methods=("ar", "eagle", "padrec"), users=12,

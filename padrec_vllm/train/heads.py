@@ -43,6 +43,7 @@ class HeadTrainConfig:
     lr: float = 1e-3
     warmup_steps: int = 50
     feature_weight: float = 1.0
+    step_decay: float = 1.0  # step k's loss weighs step_decay**(k-1), weights normalised (1 = equal)
     use_item_emb: bool = True
     use_step_emb: bool = True
     use_gate: bool = True
@@ -135,8 +136,9 @@ def _batch(ds: DistillSet, idx: list[int], device: str):
 
 
 def unrolled_loss(head: DraftHead, target, ids, feats, loss_mask, pad_mask, num_steps: int,
-                  feature_weight: float) -> tuple[torch.Tensor, float]:
-    """Mean over steps of CE(x_{p+2}) + w * smoothL1(f_{p+1}); returns (loss, step-1 accuracy)."""
+                  feature_weight: float, step_decay: float = 1.0) -> tuple[torch.Tensor, float]:
+    """Weighted mean over steps of CE(x_{p+2}) + w * smoothL1(f_{p+1}), step k weighing
+    ``step_decay**(k-1)`` (1.0: plain mean); returns (loss, step-1 accuracy)."""
     b, t = ids.shape
     embed, lm_head = target.get_input_embeddings(), target.lm_head
     pos = torch.arange(t, device=ids.device)[None].expand(b, t)  # [B, T]
@@ -152,12 +154,12 @@ def unrolled_loss(head: DraftHead, target, ids, feats, loss_mask, pad_mask, num_
         m = mask.float()
         ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view(b, t)
         reg = F.smooth_l1_loss(h.float(), feat_target, reduction="none").mean(-1)  # [B, T]
-        total = total + ((ce + feature_weight * reg) * m).sum() / m.sum().clamp(min=1)
+        total = total + step_decay ** (k - 1) * ((ce + feature_weight * reg) * m).sum() / m.sum().clamp(min=1)
         if k == 1:
             acc = float(((logits.argmax(-1) == labels).float() * m).sum() / m.sum().clamp(min=1))
         inp = torch.cat([feats[:, :1], h[:, :-1]], 1)  # [B, T, H]: step k+1 reads h^k_{p-1}
         mask = mask & torch.cat([mask.new_zeros(b, 1), mask[:, :-1]], 1)  # needs a drafted p-1
-    return total / num_steps, acc
+    return total / sum(step_decay ** (k - 1) for k in range(1, num_steps + 1)), acc
 
 
 def train_head(target, catalog: Catalog, data: DistillSet, cfg: HeadTrainConfig, out_dir: Path,
@@ -188,7 +190,8 @@ def train_head(target, catalog: Catalog, data: DistillSet, cfg: HeadTrainConfig,
         for g in opt.param_groups:
             g["lr"] = cfg.lr * warm * decay
         with autocast:
-            loss, acc = unrolled_loss(head, target, *_batch(data, idx, device), cfg.num_steps, cfg.feature_weight)
+            loss, acc = unrolled_loss(head, target, *_batch(data, idx, device), cfg.num_steps, cfg.feature_weight,
+                                      cfg.step_decay)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
