@@ -62,9 +62,10 @@ def run_study(args) -> None:
     for seed in args.seeds:
         for variant in args.variants:
             unroll = args.train_unroll or preset.num_draft_tokens
-            cfg = replace(variant_config(variant, unroll, preset.head_steps, preset.head_batch_size, seed),
-                          step_decay=args.step_decay)
-            tag = (f"-k{unroll}" if args.train_unroll else "") + (f"-d{args.step_decay:g}" if args.step_decay != 1 else "")
+            cfg = variant_config(variant, unroll, preset.head_steps, preset.head_batch_size, seed)
+            if args.step_decay is not None:
+                cfg = replace(cfg, step_decay=args.step_decay)
+            tag = (f"-k{unroll}" if args.train_unroll else "") + (f"-d{cfg.step_decay:g}" if args.step_decay is not None else "")
             head_dir = Path(args.heads_out) / f"{variant}{tag}-s{seed}"
             rep = train_head(target, catalog, data, cfg, head_dir, args.device)
             head = load_head(head_dir, device=args.device, dtype=torch.float32).eval()
@@ -72,7 +73,7 @@ def run_study(args) -> None:
                            num_draft_tokens=preset.num_draft_tokens, progress=f"decode {variant} s{seed}")
             agg = aggregate(res)
             out["runs"].append({
-                "variant": variant + tag, "seed": seed, "train_unroll": unroll, "step_decay": args.step_decay, "train_s": rep.seconds, "final_loss": rep.final_loss,
+                "variant": variant + tag, "seed": seed, "train_unroll": unroll, "step_decay": cfg.step_decay, "train_s": rep.seconds, "final_loss": rep.final_loss,
                 "final_top1": rep.final_top1, "tau": agg.tau, "accept_by_pos": agg.accept_rate_by_pos,
                 "accept_by_slot": {names[s]: r for s, r in agg.accept_rate_by_slot.items()},
                 "identical_rate": identical_output_rate(res, plain),
@@ -149,8 +150,8 @@ def main() -> None:
     ap.add_argument("--train-unroll", type=int, default=None,
                     help="unroll this many steps in training instead of K (1 = teacher forcing, the EAGLE-1 "
                          "recipe); decoding still drafts K tokens")
-    ap.add_argument("--step-decay", type=float, default=1.0,
-                    help="unrolled loss: step k weighs step_decay**(k-1) (default 1: equal weights)")
+    ap.add_argument("--step-decay", type=float, default=None,
+                    help="unrolled loss: step k weighs step_decay**(k-1) (default: HeadTrainConfig's)")
     ap.add_argument("--heads-out", default="runs/study-heads")
     ap.add_argument("--json", required=True)
     ap.add_argument("--merge", nargs="+", default=None, help="merge study JSON files into --json")

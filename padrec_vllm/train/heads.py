@@ -10,8 +10,10 @@ Step k >= 2 reads the head's own step-(k-1) features shifted by one position:
 ``(h{k-1}_{p-1}, x_{p+1})``, exactly what decoding feeds it at draft step k, so the step embedding
 sees k = 1..K and the head learns to recover from its own drift. Loss per step = cross-entropy
 against ``x_{p+2}`` (the target's greedy token) + ``feature_weight`` * smooth-L1 against
-``f_{p+1}``, on completion positions only, averaged over steps. Within a step, attention runs over
-the step's own features (a HASS-style approximation of the decoding-time cache).
+``f_{p+1}``, on completion positions only; the steps' losses are averaged with weights
+``step_decay**(k-1)`` (step 1, which every round starts with, weighs most). Within a step,
+attention runs over the step's own features (a HASS-style approximation of the decoding-time
+cache).
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ class HeadTrainConfig:
     lr: float = 1e-3
     warmup_steps: int = 50
     feature_weight: float = 1.0
-    step_decay: float = 1.0  # step k's loss weighs step_decay**(k-1), weights normalised (1 = equal)
+    # step k's loss weighs step_decay**(k-1), weights normalised (1 = equal). 0.5 gave +9-18% tau
+    # over equal weights on the demo targets (docs/RESULTS.md, "Training recipe")
+    step_decay: float = 0.5
     use_item_emb: bool = True
     use_step_emb: bool = True
     use_gate: bool = True
@@ -83,6 +87,8 @@ class HeadTrainReport:
     seconds: float
     final_loss: float
     final_top1: float  # step-1 training accuracy (EMA)
+    num_steps: int  # K unrolled
+    step_decay: float
 
 
 def distill_prompts(train: dict[int, list[int]], catalog: Catalog, history: int, users: int,
@@ -202,4 +208,5 @@ def train_head(target, catalog: Catalog, data: DistillSet, cfg: HeadTrainConfig,
         bar.set_postfix(loss=f"{loss_ema:.3f}", top1=f"{acc_ema:.3f}", refresh=False)
     head.eval()
     save_head(head.cpu(), out_dir)
-    return HeadTrainReport(cfg.name, cfg.train_steps, time.perf_counter() - t0, loss_ema, acc_ema)
+    return HeadTrainReport(cfg.name, cfg.train_steps, time.perf_counter() - t0, loss_ema, acc_ema, cfg.num_steps,
+                           cfg.step_decay)
