@@ -113,6 +113,12 @@ class MethodRun:
     latency_ms: list[float]
 
 
+def bench_users(split, catalog: Catalog, history: int, n: int, seed: int = 0) -> EvalUsers:
+    """The test users ``padrec bench`` decodes: ``n`` drawn with ``seed + 1`` (the build's
+    evaluation draws with ``seed``)."""
+    return sample_test_users(split, catalog, history, n, seed + 1)
+
+
 def bench_setup(cfg: BenchConfig, builtin: tuple[str, ...] = ("ar",)) -> BenchSetup:
     """Validate ``cfg.methods`` (``ar`` required; every name outside ``builtin`` needs a head
     under ``heads/``) before loading anything heavy, then sample the users."""
@@ -126,7 +132,7 @@ def bench_setup(cfg: BenchConfig, builtin: tuple[str, ...] = ("ar",)) -> BenchSe
     preset = get_preset(info["preset"])
     catalog = Catalog.load(paths.root)
     split = leave_one_out(load_dataset(info["dataset"], cfg.data_dir).sequences)
-    users = sample_test_users(split, catalog, preset.history, cfg.users, cfg.seed + 1)
+    users = bench_users(split, catalog, preset.history, cfg.users, cfg.seed)
     return BenchSetup(paths, info, catalog, users, cfg.num_draft_tokens or preset.num_draft_tokens,
                       max_new_tokens(catalog, preset.list_len))
 

@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 from padrec_vllm.artifacts import ArtifactPaths
-from padrec_vllm.bench import slot_names
+from padrec_vllm.bench import bench_users, slot_names
 from padrec_vllm.catalog.catalog import Catalog
 from padrec_vllm.catalog.tokens import EOS_ID
 from padrec_vllm.data.s3rec import leave_one_out, load_dataset
 from padrec_vllm.decoding import aggregate, generate, identical_output_rate
-from padrec_vllm.eval.evaluate import max_new_tokens, sample_test_users
+from padrec_vllm.eval.evaluate import max_new_tokens
 from padrec_vllm.model.head_checkpoint import load_head
 from padrec_vllm.model.target import load_target
 from padrec_vllm.presets import get_preset
@@ -47,8 +47,7 @@ def run_study(args) -> None:
     split = leave_one_out(load_dataset(info["dataset"], args.data_dir).sequences)
     target = load_target(paths.target, device=args.device)
     limit = max_new_tokens(catalog, preset.list_len)
-    # the bench's users: sampled with seed + 1 (`padrec bench`)
-    users = sample_test_users(split, catalog, preset.history, args.users, preset.seed + 1)
+    users = bench_users(split, catalog, preset.history, args.users)
     prompts = [list(p) for p in users.prompts]
     batch = 256 if args.device.startswith("cuda") else 16
     plain = generate(target, prompts, max_new_tokens=limit, eos_id=EOS_ID, batch_size=batch, progress="plain")
