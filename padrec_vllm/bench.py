@@ -13,6 +13,11 @@ machine noise hits every method alike; a warm-up batch per method is excluded. `
 
 ``latency_ms`` is per request: the wall time of the batch it was decoded in. ``accept_by_slot``
 is keyed by slot name (``L0``.. for SID levels, ``sep``, ``special``).
+
+A method ``HEAD@P`` (reference engine) runs head HEAD with confidence-gated drafting: a round's
+chain ends at the first draft to which the head gives probability below P (``decoding.generate``'s
+``min_draft_confidence``), so ``eagle,eagle@0.4`` compares fixed-K and gated drafting side by
+side. Its ``accept_by_pos`` counts proposed drafts only, its ``head_forward_ms`` is HEAD's.
 """
 
 from __future__ import annotations
@@ -50,6 +55,20 @@ class BenchConfig:
     engine: str = "reference"
     data_dir: str | None = None
     seed: int = 0
+
+
+def parse_method(name: str) -> tuple[str, float]:
+    """``HEAD`` -> (HEAD, 0.0); ``HEAD@P`` -> (HEAD, P), P in [0, 1) (confidence-gated drafting)."""
+    base, at, conf = name.partition("@")
+    if not at:
+        return name, 0.0
+    try:
+        p = float(conf)
+    except ValueError:
+        p = -1.0
+    if not base or not 0.0 <= p < 1.0:
+        raise UserError(f"method {name!r}: HEAD@P needs a head name and a confidence P in [0, 1)")
+    return base, p
 
 
 def slot_names(layout: TokenLayout) -> dict[int, str]:
@@ -127,6 +146,12 @@ def bench_setup(cfg: BenchConfig, builtin: tuple[str, ...] = ("ar",)) -> BenchSe
     if "ar" not in cfg.methods:
         raise UserError("--methods must include ar (the baseline for speedup and identical_rate)")
     for name in cfg.methods:
+        if "@" in name and cfg.engine != "reference":
+            raise UserError(f"method {name!r}: HEAD@P (confidence-gated drafting) needs --engine reference")
+        base = parse_method(name)[0]
+        if "@" in name and base in builtin:
+            raise UserError(f"method {name!r}: @P applies to a draft head, not to {base}")
+        name = base
         if name not in builtin and not (paths.head(name) / "config.json").exists():
             raise UserError(f"unknown method {name!r}: no head at {paths.head(name)} (train it with `padrec build`)")
     preset = get_preset(info["preset"])
@@ -177,16 +202,22 @@ def run_bench(cfg: BenchConfig) -> dict:
         raise UserError(f"unknown engine {cfg.engine!r}")
     setup = bench_setup(cfg)
     target = load_target(setup.paths.target, device=cfg.device)
-    heads: dict[str, DraftHead | None] = {"ar": None}
+    loaded: dict[str, DraftHead] = {}
+    heads: dict[str, DraftHead | None] = {"ar": None}  # method name -> its head
+    gate = {name: parse_method(name)[1] for name in cfg.methods}
     for name in cfg.methods:
         if name != "ar":
-            heads[name] = load_head(setup.paths.head(name), device=cfg.device, dtype=torch.float32).eval()
+            base = parse_method(name)[0]
+            if base not in loaded:
+                loaded[base] = load_head(setup.paths.head(base), device=cfg.device, dtype=torch.float32).eval()
+            heads[name] = loaded[base]
     prompts = setup.prompts
 
     def run(name: str, chunk: list[list[int]]) -> tuple[list[RequestResult], float]:
         t0 = time.perf_counter()
         res = generate(target, chunk, max_new_tokens=setup.limit, eos_id=EOS_ID, batch_size=len(chunk),
-                       head=heads[name], num_draft_tokens=setup.k if heads[name] is not None else None)
+                       head=heads[name], num_draft_tokens=setup.k if heads[name] is not None else None,
+                       min_draft_confidence=gate.get(name, 0.0))
         if cfg.device.startswith("cuda"):
             torch.cuda.synchronize()
         return res, time.perf_counter() - t0
@@ -206,7 +237,8 @@ def run_bench(cfg: BenchConfig) -> dict:
             wall[name] += secs
             latency[name] += [1000 * secs] * len(chunk)
     runs = {n: MethodRun(results[n], wall[n], latency[n]) for n in names}
-    head_ms = time_head_forwards({n: h for n, h in heads.items() if h is not None}, target, cfg.batch_size)
+    timed = time_head_forwards(loaded, target, cfg.batch_size)
+    head_ms = {n: timed[parse_method(n)[0]] for n in heads if n != "ar"}
     return bench_result(cfg, setup, runs, head_ms, engine="reference")
 
 

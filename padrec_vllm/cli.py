@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--engine", default="reference", choices=["reference", "vllm"],
                        help="plain PyTorch decoder or vLLM (default: reference)")
     bench.add_argument("--methods", type=_csv, default=("ar", "eagle", "padrec"),
-                       help="comma-separated: ar, ngram (vllm engine only) and head names under DIR/heads/")
+                       help="comma-separated: ar, ngram (vllm engine only) and head names under DIR/heads/; "
+                            "HEAD@P (reference engine) ends each draft chain at the first draft the head "
+                            "gives probability below P")
     bench.add_argument("--users", type=_positive_int, default=200, help="test users, sampled with the preset's seed (default: 200)")
     bench.add_argument("--batch-size", type=_positive_int, default=1, help="requests per batch (default: 1)")
     bench.add_argument("--k", type=_positive_int, default=None, help="draft tokens per round (default: preset's)")

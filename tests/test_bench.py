@@ -80,8 +80,24 @@ def test_bench_is_lossless_and_shaped(tiny_artifacts, synth_data_dir, batch_size
     assert (tmp_path / "b.png").stat().st_size > 1000 and len(format_table(result)) == 6
 
 
+def test_bench_gated_method_runs_beside_its_head(tiny_artifacts, synth_data_dir):
+    result = run_bench(BenchConfig(artifacts=tiny_artifacts, methods=("ar", "padrec", "padrec@0.02"), users=6,
+                                   batch_size=2, data_dir=str(synth_data_dir)))
+    fixed, gated = result["methods"]["padrec"], result["methods"]["padrec@0.02"]
+    assert gated["identical_rate"] == 1.0 and fixed["identical_rate"] == 1.0
+    assert gated["head_forward_ms"] == fixed["head_forward_ms"]
+    # fixed-K drafting runs K head steps a round; gated drafting never more
+    assert fixed["draft_forwards"] == 3 * fixed["target_forwards"]
+    assert gated["draft_forwards"] <= 3 * gated["target_forwards"]
+
+
 def test_bench_cli_errors(tiny_artifacts, capsys):
     assert main(["bench", "--artifacts", str(tiny_artifacts), "--methods", "ar,medusa"]) == 2  # before data
     assert "unknown method 'medusa'" in capsys.readouterr().err
     assert main(["bench", "--artifacts", str(tiny_artifacts), "--methods", "eagle"]) == 2
+    for bad in ("eagle@1", "eagle@x", "@0.3", "ar@0.3"):
+        assert main(["bench", "--artifacts", str(tiny_artifacts), "--methods", f"ar,{bad}"]) == 2
+        assert repr(bad) in capsys.readouterr().err
+    assert main(["bench", "--artifacts", str(tiny_artifacts), "--engine", "vllm", "--methods", "ar,eagle@0.3"]) == 2
+    assert "needs --engine reference" in capsys.readouterr().err
     assert main(["train-heads", "--artifacts", str(tiny_artifacts), "--heads", "foo"]) == 2

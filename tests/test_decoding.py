@@ -50,8 +50,9 @@ class TableDrafter:
     """Drafts from known greedy outputs: history x_1..x_{p+1} -> x_{p+2}.
 
     mode "oracle" proposes the target's own token, "wrong" never does, "noisy" is wrong whenever
-    the history's token sum is a multiple of 3 (so rows accept different, partial counts).
-    Its "features" are one-hot proposals; ``logits`` passes them through.
+    the history's token sum is a multiple of 3 (so rows accept different, partial counts), and
+    "hedged" is "noisy" with a confidence that tells: its logits give the right tokens probability
+    ~1 and the wrong ones ~1/V. Its "features" are the logits; ``logits`` passes them through.
     """
 
     def __init__(self, prompts, completions, mode: str) -> None:
@@ -73,10 +74,12 @@ class TableDrafter:
         for r in range(b):
             for i in range(t):
                 history = tuple(cache.tokens[r, : int(position_ids[r, i]) + 1].tolist())
-                tok = self.next.get(history, 0)
-                if self.mode == "wrong" or (self.mode == "noisy" and sum(history) % 3 == 0):
+                tok, score = self.next.get(history, 0), 1.0
+                if self.mode == "wrong" or (self.mode in ("noisy", "hedged") and sum(history) % 3 == 0):
                     tok = (tok + 1) % LAYOUT.vocab_size
-                out[r, i, tok] = 1.0
+                elif self.mode == "hedged":
+                    score = 50.0
+                out[r, i, tok] = score
         return out
 
     def logits(self, hidden, lm_head):
@@ -193,6 +196,44 @@ def test_draft_steps_run_1_to_k_each_round(target, prompts):
     results = generate(target, prompts[:2], max_new_tokens=9, eos_id=None, batch_size=1, head=spy)
     rounds = sum(r.target_forwards for r in results)
     assert rounds > 0 and spy.steps == list(range(1, K + 1)) * rounds
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_confidence_threshold_ends_chains_at_the_doubtful_draft(target, prompts, reference, batch_size):
+    """A drafter whose confidence tells right from wrong: with the threshold between the two, each
+    chain stops where the first wrong draft would have been, so the same drafts are accepted with
+    fewer head steps, every proposed draft is accepted, and the output is still the target's."""
+    drafter = TableDrafter(prompts, reference, "hedged")
+    kwargs = dict(max_new_tokens=20, eos_id=None, batch_size=batch_size, head=drafter)
+    fixed = generate(target, prompts, **kwargs)
+    gated = generate(target, prompts, min_draft_confidence=0.5, **kwargs)
+    assert [r.tokens for r in gated] == [r.tokens for r in fixed] == [c[:20] for c in reference]
+    assert 1.0 < aggregate(fixed).tau < K + 1
+    for f, g in zip(fixed, gated):
+        assert g.tau == f.tau and g.target_forwards == f.target_forwards
+        assert all(a == p for a, p in g.accept_by_pos)  # only right drafts are proposed
+        assert sum(p for _, p in g.accept_by_pos) < sum(p for _, p in f.accept_by_pos)
+    assert sum(g.draft_forwards for g in gated) < sum(f.draft_forwards for f in fixed)
+    assert fixed[0].draft_forwards == K * fixed[0].target_forwards
+
+
+@pytest.mark.parametrize("kind", ["eagle", "padrec"])
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_confidence_threshold_is_lossless_with_real_heads(target, prompts, eos, kind, batch_size):
+    head = tiny_head(target, kind, num_steps=K)
+    plain = generate(target, prompts, max_new_tokens=20, eos_id=eos, batch_size=batch_size)
+    for threshold in (1.5 / LAYOUT.vocab_size, 0.9):  # around a random head's confidence, and above it
+        spec = generate(target, prompts, max_new_tokens=20, eos_id=eos, batch_size=batch_size, head=head,
+                        min_draft_confidence=threshold)
+        assert identical_output_rate(spec, plain) == 1.0
+        _check_stops(spec, 20, eos)
+    assert all(r.tau == 1.0 for r in spec if len(r.tokens) > 1)  # 0.9: nothing proposed
+
+
+def test_confidence_threshold_range(target, prompts):
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="min_draft_confidence"):
+            generate(target, prompts, max_new_tokens=4, eos_id=None, batch_size=1, min_draft_confidence=bad)
 
 
 def test_clipping_at_budget_and_eos(target, prompts, reference):

@@ -52,9 +52,10 @@ class _Row:
                 return True
         return False
 
-    def count_round(self, drafts: list[int], accepted: int, slots: list[int] | None) -> None:
+    def count_round(self, drafts: list[int], accepted: int, slots: list[int] | None, head_steps: int) -> None:
+        """One round: ``drafts`` the proposed drafts, ``head_steps`` the head forwards it ran."""
         self.target_forwards += 1
-        self.draft_forwards += len(drafts)
+        self.draft_forwards += head_steps
         for j in range(len(drafts)):
             self.by_pos[j][1] += 1
             self.by_pos[j][0] += j < accepted
@@ -89,16 +90,22 @@ def generate(
     head: Drafter | None = None,
     num_draft_tokens: int | None = None,
     slot_of_token: torch.Tensor | list[int] | None = None,
+    min_draft_confidence: float = 0.0,
     progress: str | None = None,
 ) -> list[RequestResult]:
     """Greedy-decode every prompt; with ``head``, by chain speculative decoding.
 
-    ``num_draft_tokens`` (K) defaults to ``head.num_steps``. ``slot_of_token`` [V] (default: the
-    head's table, if any) enables ``accept_by_slot``. Results are in prompt order. ``progress``,
-    when given, is the label of a progress bar over batches.
+    ``num_draft_tokens`` (K) defaults to ``head.num_steps``; it is the most drafts a round proposes.
+    ``min_draft_confidence`` in [0, 1): 0 proposes all K every round; above 0 a round's chain stops
+    at the first draft whose probability under the head is below it (``speculative.draft_chain``),
+    which never changes the output, only the work. ``slot_of_token`` [V] (default: the head's
+    table, if any) enables ``accept_by_slot``. Results are in prompt order. ``progress``, when
+    given, is the label of a progress bar over batches.
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
+    if not 0.0 <= min_draft_confidence < 1.0:
+        raise ValueError(f"min_draft_confidence must be in [0, 1), got {min_draft_confidence}")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     num_drafts = 0
@@ -116,6 +123,7 @@ def generate(
             rows = _decode_batch(
                 target, prompts[start : start + batch_size], head, num_drafts,
                 max_new_tokens=max_new_tokens, eos_id=eos_id, slots=slots,
+                min_confidence=min_draft_confidence,
             )
             results.extend(row.result() for row in rows)
     return results
@@ -142,6 +150,7 @@ def _decode_batch(
     max_new_tokens: int,
     eos_id: int | None,
     slots: list[int] | None,
+    min_confidence: float,
 ) -> list[_Row]:
     device = next(target.parameters()).device
     b = len(prompts)
@@ -196,26 +205,29 @@ def _decode_batch(
             continue
 
         t0 = _clock(device)
-        drafts = draft_chain(
-            head, embed, lm_head, hcache, h_ids, h_feats, h_pos, h_count, num_drafts
-        )  # [B, K]
+        drafts, proposed = draft_chain(
+            head, embed, lm_head, hcache, h_ids, h_feats, h_pos, h_count, num_drafts, min_confidence
+        )  # [B, L], [B]
+        head_steps = drafts.shape[1]
+        n_prop = proposed.tolist()
+        drafts = drafts[:, : max(n_prop)]  # [B, D]: verify only what some row proposes
         t1 = _clock(device)
         _charge(rows, alive, "draft_s", t1 - t0)
 
         start = kv.lengths.clone()  # [B]: position of x_n
-        block = torch.cat((nxt[:, None], drafts), dim=1)  # [B, K+1]
-        feats = kv.forward_block(block)  # [B, K+1, H]
-        verified = lm_head(feats).argmax(-1)  # [B, K+1]
-        accepted = accepted_prefix(drafts, verified)  # [B]
+        block = torch.cat((nxt[:, None], drafts), dim=1)  # [B, D+1]
+        feats = kv.forward_block(block)  # [B, D+1, H]
+        verified = lm_head(feats).argmax(-1)  # [B, D+1]
+        accepted = accepted_prefix(drafts, verified, proposed)  # [B]
         kv.keep(accepted + 1)
         nxt = verified[torch.arange(len(alive), device=device), accepted]  # [B]: the next x_n
         # the kept positions n..n+a become the head's pending inputs: (f_{n+j}, x_{n+j+1})
         h_ids, h_feats, h_count = verified, feats, accepted + 1
-        h_pos = start[:, None] + torch.arange(num_drafts + 1, device=device)  # [B, K+1]
+        h_pos = start[:, None] + torch.arange(block.shape[1], device=device)  # [B, D+1]
         finished = []
         for i, (d, v, a) in enumerate(zip(drafts.tolist(), verified.tolist(), accepted.tolist())):
             row = rows[alive[i]]
-            row.count_round(d, a, slots)
+            row.count_round(d[: n_prop[i]], a, slots, head_steps)
             finished.append(row.emit(v[: a + 1], max_new_tokens, eos_id))
         _charge(rows, alive, "verify_s", _clock(device) - t1)
     return rows

@@ -6,9 +6,12 @@ Definitions (all engines of this package report these):
 - ``target_forwards``: target forwards during decoding (prefill excluded). Prefill emits the first
   token, so ``tau = (len(tokens) - 1) / target_forwards`` (0.0 when the request ended at prefill).
   Plain greedy has tau == 1.
+- ``draft_forwards``: head forwards (draft steps) of the rounds the request took part in: K a
+  round, fewer when a confidence threshold ends a round's chain early.
 - ``accept_by_pos[j]`` = (accepted, proposed) for draft position j+1 over all rounds: every round
-  proposes K drafts; position j+1 counts as accepted when drafts 1..j+1 all agree with the target
-  (vLLM's per-position counter). Counts are of agreement with the target, before clipping at
+  proposes K drafts (fewer when a confidence threshold ends the chain early; then only rounds that
+  proposed position j+1 count it); position j+1 counts as accepted when drafts 1..j+1 all agree
+  with the target (vLLM's per-position counter). Counts are of agreement with the target, before clipping at
   ``eos`` / ``max_new_tokens``.
 - ``accept_by_slot[s]`` = (accepted, proposed) over drafted tokens whose id has slot s that the
   target actually judged: drafts 1..a+1 of a round that accepted a (the drafts after the first
