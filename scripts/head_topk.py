@@ -1,0 +1,95 @@
+"""How far from the target's token the heads' first draft is, by item slot: top-k hit rates.
+
+On the bench's test users, the target's own greedy lists (what speculative decoding must
+reproduce) are fed to each head teacher-forced (step 1: the target's features, as the first draft
+of a round sees them). For every completion token the script records the rank of that token in
+the head's logits and reports, per slot of the token, how often it is the head's top-1 (the chain's
+acceptance of a first draft), or within its top 2, 4 and 8 (what a draft tree of that width at that
+token would catch). Writes JSON; prints a table.
+
+    python scripts/head_topk.py --artifacts artifacts/bench-Beauty --heads eagle,padrec --users 500 \
+        --json runs/head-topk.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from padrec_vllm.artifacts import ArtifactPaths
+from padrec_vllm.bench import bench_users, slot_names
+from padrec_vllm.catalog.catalog import Catalog
+from padrec_vllm.catalog.tokens import PAD_ID
+from padrec_vllm.data.s3rec import leave_one_out, load_dataset
+from padrec_vllm.eval.evaluate import max_new_tokens
+from padrec_vllm.model.head_checkpoint import load_head
+from padrec_vllm.model.target import load_target
+from padrec_vllm.presets import get_preset
+from padrec_vllm.train.heads import build_distill_set
+
+KS = (1, 2, 4, 8)
+
+
+@torch.no_grad()
+def head_ranks(head, target, tokens: list[torch.Tensor], features: list[torch.Tensor], prompt_lens: list[int],
+               slot_of: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank (0 = top-1) of every completion token under the head's step-1 logits, and its slot -> [N], [N]."""
+    ranks, slots = [], []
+    embed, lm_head = target.get_input_embeddings(), target.lm_head
+    for start in range(0, len(tokens), batch):
+        seqs, feats, plens = tokens[start : start + batch], features[start : start + batch], prompt_lens[start : start + batch]
+        width = max(len(s) for s in seqs) - 1
+        ids = torch.full((len(seqs), width), PAD_ID, dtype=torch.long)  # [B, T]: x_{p+1}
+        f = torch.zeros(len(seqs), width, feats[0].shape[-1])  # [B, T, H]: f_p
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)  # [B, T]
+        for r, (s, fe) in enumerate(zip(seqs, feats)):
+            ids[r, : len(s) - 1], f[r, : len(s) - 1], mask[r, : len(s) - 1] = s[1:], fe[:-1], 1
+        pos = torch.arange(width).expand(len(seqs), -1)  # [B, T]
+        hidden = head(ids, f, pos, step=1, embed=embed, attention_mask=mask)  # [B, T, H]
+        logits = head.logits(hidden, lm_head)  # [B, T, V]
+        for r, (s, plen) in enumerate(zip(seqs, plens)):
+            p = torch.arange(max(0, plen - 2), len(s) - 2)  # positions whose x_{p+2} is a completion token
+            want = s[p + 2]  # [n]
+            lg = logits[r, p]  # [n, V]
+            ranks.append((lg > lg.gather(1, want[:, None])).sum(1))  # [n]
+            slots.append(slot_of[want])
+    return torch.cat(ranks), torch.cat(slots)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--artifacts", required=True)
+    ap.add_argument("--heads", default="eagle,padrec")
+    ap.add_argument("--users", type=int, default=500)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--json", required=True)
+    args = ap.parse_args()
+    paths = ArtifactPaths(Path(args.artifacts))
+    info = paths.read_build_info()
+    preset = get_preset(info["preset"])
+    catalog = Catalog.load(paths.root)
+    split = leave_one_out(load_dataset(info["dataset"], args.data_dir).sequences)
+    target = load_target(paths.target, device="cpu")
+    users = bench_users(split, catalog, preset.history, args.users)
+    data = build_distill_set(target, [list(p) for p in users.prompts], max_new_tokens(catalog, preset.list_len), "cpu", 16)
+    slot_of = catalog.layout.slot_tensor()
+    names = slot_names(catalog.layout)
+    out = {"dataset": info["dataset"], "preset": preset.name, "users": args.users, "ks": list(KS), "heads": {}}
+    for name in args.heads.split(","):
+        head = load_head(paths.head(name), device="cpu", dtype=torch.float32).eval()
+        ranks, slots = head_ranks(head, target, data.tokens, data.features, data.prompt_lens, slot_of, 16)
+        per_slot = {}
+        for s in sorted(set(slots.tolist())):
+            r = ranks[slots == s]
+            per_slot[names[s]] = {"tokens": len(r), **{f"top{k}": float((r < k).float().mean()) for k in KS}}
+        out["heads"][name] = {"all": {f"top{k}": float((ranks < k).float().mean()) for k in KS}, "by_slot": per_slot}
+        print(f"{name}: " + "  ".join(f"{s} " + "/".join(f"{v[f'top{k}']:.3f}" for k in KS) for s, v in per_slot.items()))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
