@@ -104,7 +104,7 @@ def time_head_forwards(heads: dict[str, DraftHead], target, batch_size: int, rep
 
 def _percentile(values: list[float], q: float) -> float:
     s = sorted(values)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))] if s else 0.0
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))] if s else 0.0
 
 
 @dataclass(frozen=True)
@@ -202,12 +202,11 @@ def run_bench(cfg: BenchConfig) -> dict:
         raise UserError(f"unknown engine {cfg.engine!r}")
     setup = bench_setup(cfg)
     target = load_target(setup.paths.target, device=cfg.device)
+    specs = {name: parse_method(name) for name in cfg.methods}  # method -> (head name, min confidence)
     loaded: dict[str, DraftHead] = {}
     heads: dict[str, DraftHead | None] = {"ar": None}  # method name -> its head
-    gate = {name: parse_method(name)[1] for name in cfg.methods}
-    for name in cfg.methods:
+    for name, (base, _) in specs.items():
         if name != "ar":
-            base = parse_method(name)[0]
             if base not in loaded:
                 loaded[base] = load_head(setup.paths.head(base), device=cfg.device, dtype=torch.float32).eval()
             heads[name] = loaded[base]
@@ -217,7 +216,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         t0 = time.perf_counter()
         res = generate(target, chunk, max_new_tokens=setup.limit, eos_id=EOS_ID, batch_size=len(chunk),
                        head=heads[name], num_draft_tokens=setup.k if heads[name] is not None else None,
-                       min_draft_confidence=gate.get(name, 0.0))
+                       min_draft_confidence=specs[name][1])
         if cfg.device.startswith("cuda"):
             torch.cuda.synchronize()
         return res, time.perf_counter() - t0
@@ -238,7 +237,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             latency[name] += [1000 * secs] * len(chunk)
     runs = {n: MethodRun(results[n], wall[n], latency[n]) for n in names}
     timed = time_head_forwards(loaded, target, cfg.batch_size)
-    head_ms = {n: timed[parse_method(n)[0]] for n in heads if n != "ar"}
+    head_ms = {n: timed[specs[n][0]] for n in heads if n != "ar"}
     return bench_result(cfg, setup, runs, head_ms, engine="reference")
 
 
@@ -252,8 +251,8 @@ def _device_name(device: str) -> str:
 
 def format_table(result: dict) -> list[str]:
     head = f"{'method':16s} {'tau':>5s} {'speedup':>7s} {'tok/s':>8s} {'p50 ms':>8s} {'p95 ms':>8s} {'ident':>6s}  accept by position"
-    rows = [f"{result['dataset']} ({result.get('preset', '?')}), engine {result['engine']}, {result['device']}, "
-            f"{result['users']} users, batch {result['batch_size']}, K={result['k']}", head]
+    rows = [(f"{result['dataset']} ({result.get('preset', '?')}), engine {result['engine']}, {result['device']}, "
+             f"{result['users']} users, batch {result['batch_size']}, K={result['k']}"), head]
     for name, m in result["methods"].items():
         acc = " ".join(f"{a:.2f}" for a in m["accept_by_pos"])
         rows.append(f"{name:16s} {m['tau']:5.2f} {m['speedup']:7.2f} {m['tokens_per_s']:8.0f} "

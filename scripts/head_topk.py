@@ -19,15 +19,11 @@ from pathlib import Path
 
 import torch
 
-from padrec_vllm.artifacts import ArtifactPaths
-from padrec_vllm.bench import bench_users, slot_names
-from padrec_vllm.catalog.catalog import Catalog
+from padrec_vllm.bench import BenchConfig, bench_setup, slot_names
 from padrec_vllm.catalog.tokens import PAD_ID
-from padrec_vllm.data.s3rec import leave_one_out, load_dataset
-from padrec_vllm.eval.evaluate import max_new_tokens
+from padrec_vllm.errors import UserError
 from padrec_vllm.model.head_checkpoint import load_head
 from padrec_vllm.model.target import load_target
-from padrec_vllm.presets import get_preset
 from padrec_vllm.train.heads import build_distill_set
 
 KS = (1, 2, 4, 8)
@@ -67,18 +63,17 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
-    paths = ArtifactPaths(Path(args.artifacts))
-    info = paths.read_build_info()
-    preset = get_preset(info["preset"])
-    catalog = Catalog.load(paths.root)
-    split = leave_one_out(load_dataset(info["dataset"], args.data_dir).sequences)
+    heads = args.heads.split(",")
+    setup = bench_setup(BenchConfig(artifacts=Path(args.artifacts), methods=("ar", *heads), users=args.users,
+                                    batch_size=1, data_dir=args.data_dir))  # the bench's users; checks the heads exist
+    paths, catalog = setup.paths, setup.catalog
     target = load_target(paths.target, device="cpu")
-    users = bench_users(split, catalog, preset.history, args.users)
-    data = build_distill_set(target, [list(p) for p in users.prompts], max_new_tokens(catalog, preset.list_len), "cpu", 16)
+    data = build_distill_set(target, setup.prompts, setup.limit, "cpu", 16)
     slot_of = catalog.layout.slot_tensor()
     names = slot_names(catalog.layout)
-    out = {"dataset": info["dataset"], "preset": preset.name, "users": args.users, "ks": list(KS), "heads": {}}
-    for name in args.heads.split(","):
+    out = {"dataset": setup.info["dataset"], "preset": setup.info["preset"], "users": args.users, "ks": list(KS),
+           "heads": {}}
+    for name in heads:
         head = load_head(paths.head(name), device="cpu", dtype=torch.float32).eval()
         ranks, slots = head_ranks(head, target, data.tokens, data.features, data.prompt_lens, slot_of, 16)
         per_slot = {}
@@ -92,4 +87,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as err:
+        raise SystemExit(f"error: {err}") from None
