@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints
 
 MAX_K = 50
 
@@ -22,7 +22,7 @@ class RecommendRequest(BaseModel):
     history: list[StrictInt] = Field(description="item ids the user interacted with, oldest first")
     k: StrictInt = Field(10, ge=1, le=MAX_K, description="number of items to return")
     user_id: UserId | None = Field(None, description="echoed back, for the caller's bookkeeping")
-    exclude_history: bool = Field(True, description="never recommend an item of the history")
+    exclude_history: StrictBool = Field(True, description="never recommend an item of the history")
     unknown_items: Literal["error", "ignore"] = Field(
         "error", description="history ids not in the catalog: 422 (error) or dropped (ignore)"
     )

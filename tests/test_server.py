@@ -38,6 +38,8 @@ BAD_INPUTS = [
         422,
         "body.exclude_history",
     ),
+    ("exclude_history_int", {"history": [1], "exclude_history": 0}, 422, "body.exclude_history"),
+    ("exclude_history_string_bool", {"history": [1], "exclude_history": "false"}, 422, "body.exclude_history"),
     ("unknown_items_mode", {"history": [1], "unknown_items": "drop"}, 422, "body.unknown_items"),
     ("user_id_object", {"history": [1], "user_id": {"a": 1}}, 422, "body.user_id"),
     ("extra_field", {"history": [1], "kk": 3}, 422, "body.kk"),
