@@ -151,9 +151,8 @@ def bench_setup(cfg: BenchConfig, builtin: tuple[str, ...] = ("ar",)) -> BenchSe
         base = parse_method(name)[0]
         if "@" in name and base in builtin:
             raise UserError(f"method {name!r}: @P applies to a draft head, not to {base}")
-        name = base
-        if name not in builtin and not (paths.head(name) / "config.json").exists():
-            raise UserError(f"unknown method {name!r}: no head at {paths.head(name)} (train it with `padrec build`)")
+        if base not in builtin and not (paths.head(base) / "config.json").exists():
+            raise UserError(f"unknown method {name!r}: no head at {paths.head(base)} (train it with `padrec build`)")
     preset = get_preset(info["preset"])
     catalog = Catalog.load(paths.root)
     split = leave_one_out(load_dataset(info["dataset"], cfg.data_dir).sequences)

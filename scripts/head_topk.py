@@ -24,34 +24,28 @@ from padrec_vllm.catalog.tokens import PAD_ID
 from padrec_vllm.errors import UserError
 from padrec_vllm.model.head_checkpoint import load_head
 from padrec_vllm.model.target import load_target
-from padrec_vllm.train.heads import build_distill_set
+from padrec_vllm.train.heads import DistillSet, build_distill_set, distill_batch
 
 KS = (1, 2, 4, 8)
 
 
 @torch.no_grad()
-def head_ranks(head, target, tokens: list[torch.Tensor], features: list[torch.Tensor], prompt_lens: list[int],
-               slot_of: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank (0 = top-1) of every completion token under the head's step-1 logits, and its slot -> [N], [N]."""
+def head_ranks(head, target, data: DistillSet, slot_of: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank (0 = top-1) of every completion token under the head's step-1 logits, and its slot -> [N], [N].
+
+    The inputs are those of step 1 of the training loss (``train.heads.unrolled_loss``)."""
     ranks, slots = [], []
     embed, lm_head = target.get_input_embeddings(), target.lm_head
-    for start in range(0, len(tokens), batch):
-        seqs, feats, plens = tokens[start : start + batch], features[start : start + batch], prompt_lens[start : start + batch]
-        width = max(len(s) for s in seqs) - 1
-        ids = torch.full((len(seqs), width), PAD_ID, dtype=torch.long)  # [B, T]: x_{p+1}
-        f = torch.zeros(len(seqs), width, feats[0].shape[-1])  # [B, T, H]: f_p
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)  # [B, T]
-        for r, (s, fe) in enumerate(zip(seqs, feats)):
-            ids[r, : len(s) - 1], f[r, : len(s) - 1], mask[r, : len(s) - 1] = s[1:], fe[:-1], 1
-        pos = torch.arange(width).expand(len(seqs), -1)  # [B, T]
-        hidden = head(ids, f, pos, step=1, embed=embed, attention_mask=mask)  # [B, T, H]
-        logits = head.logits(hidden, lm_head)  # [B, T, V]
-        for r, (s, plen) in enumerate(zip(seqs, plens)):
-            p = torch.arange(max(0, plen - 2), len(s) - 2)  # positions whose x_{p+2} is a completion token
-            want = s[p + 2]  # [n]
-            lg = logits[r, p]  # [n, V]
-            ranks.append((lg > lg.gather(1, want[:, None])).sum(1))  # [n]
-            slots.append(slot_of[want])
+    for start in range(0, len(data.tokens), batch):
+        ids, feats, mask, pad = distill_batch(data, list(range(start, min(start + batch, len(data.tokens)))), "cpu")
+        b, t = ids.shape
+        next_ids = torch.cat([ids[:, 1:], ids.new_full((b, 1), PAD_ID)], 1)  # [B, T]: x_{p+1}
+        labels = torch.cat([ids[:, 2:], ids.new_full((b, 2), PAD_ID)], 1)  # [B, T]: x_{p+2}
+        pos = torch.arange(t)[None].expand(b, t)  # [B, T]
+        logits = head.logits(head(next_ids, feats, pos, step=1, embed=embed, attention_mask=pad), lm_head)  # [B, T, V]
+        lg, want = logits[mask], labels[mask]  # [N, V], [N]: positions whose x_{p+2} is a completion token
+        ranks.append((lg > lg.gather(1, want[:, None])).sum(1))  # [N]
+        slots.append(slot_of[want])
     return torch.cat(ranks), torch.cat(slots)
 
 
@@ -75,7 +69,7 @@ def main() -> None:
            "heads": {}}
     for name in heads:
         head = load_head(paths.head(name), device="cpu", dtype=torch.float32).eval()
-        ranks, slots = head_ranks(head, target, data.tokens, data.features, data.prompt_lens, slot_of, 16)
+        ranks, slots = head_ranks(head, target, data, slot_of, 16)
         per_slot = {}
         for s in sorted(set(slots.tolist())):
             r = ranks[slots == s]

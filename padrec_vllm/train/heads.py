@@ -125,7 +125,7 @@ def build_distill_set(target, prompts: list[list[int]], max_new_tokens: int, dev
     return DistillSet(tokens=seqs, features=feats, prompt_lens=[len(p) for p in prompts])
 
 
-def _batch(ds: DistillSet, idx: list[int], device: str):
+def distill_batch(ds: DistillSet, idx: list[int], device: str):
     """Right-padded tokens [B, T], features [B, T, H], loss mask [B, T] (positions p with a
     completion token at p+2), padding mask [B, T]."""
     width = max(len(ds.tokens[i]) for i in idx)
@@ -196,7 +196,7 @@ def train_head(target, catalog: Catalog, data: DistillSet, cfg: HeadTrainConfig,
         for g in opt.param_groups:
             g["lr"] = cfg.lr * warm * decay
         with autocast:
-            loss, acc = unrolled_loss(head, target, *_batch(data, idx, device), cfg.num_steps, cfg.feature_weight,
+            loss, acc = unrolled_loss(head, target, *distill_batch(data, idx, device), cfg.num_steps, cfg.feature_weight,
                                       cfg.step_decay)
         opt.zero_grad(set_to_none=True)
         loss.backward()
