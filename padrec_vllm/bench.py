@@ -18,11 +18,17 @@ A method ``HEAD@P`` (reference engine) runs head HEAD with confidence-gated draf
 chain ends at the first draft to which the head gives probability below P (``decoding.generate``'s
 ``min_draft_confidence``), so ``eagle,eagle@0.4`` compares fixed-K and gated drafting side by
 side. Its ``accept_by_pos`` counts proposed drafts only, its ``head_forward_ms`` is HEAD's.
+A method ``HEAD:tN`` (or ``HEAD:tNkM``, ``HEAD:tNkMpQ``; reference engine) runs HEAD with tree
+drafting: up to N draft nodes a round, the top M (default 4) children scored per expanded node,
+K deep, nodes past the K best kept only when the head gives their path probability >= Q
+(``decoding.tree``). Its ``accept_by_pos`` is the rate at which the kept path reaches each depth;
+``draft_forwards`` counts head calls, each over up to M nodes.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -35,7 +41,7 @@ from padrec_vllm.artifacts import ArtifactPaths
 from padrec_vllm.catalog.catalog import Catalog
 from padrec_vllm.catalog.tokens import EOS_ID, TokenLayout
 from padrec_vllm.data.s3rec import leave_one_out, load_dataset
-from padrec_vllm.decoding import RequestResult, aggregate, generate, identical_output_rate
+from padrec_vllm.decoding import RequestResult, TreeSpec, aggregate, generate, identical_output_rate
 from padrec_vllm.errors import UserError
 from padrec_vllm.eval.evaluate import EvalUsers, list_quality, max_new_tokens, sample_test_users
 from padrec_vllm.model.head_checkpoint import load_head
@@ -57,18 +63,46 @@ class BenchConfig:
     seed: int = 0
 
 
-def parse_method(name: str) -> tuple[str, float]:
-    """``HEAD`` -> (HEAD, 0.0); ``HEAD@P`` -> (HEAD, P), P in [0, 1) (confidence-gated drafting)."""
+@dataclass(frozen=True)
+class MethodSpec:
+    """A bench method: the head it drafts with and how (``parse_method``)."""
+
+    head: str
+    min_confidence: float = 0.0
+    tree: TreeSpec | None = None
+
+    @property
+    def plain(self) -> bool:
+        """Chain drafting with K drafts a round (what the vLLM engine runs)."""
+        return self.min_confidence == 0.0 and self.tree is None
+
+
+_TREE = re.compile(r"t(\d+)(?:k(\d+))?(?:p(0?\.\d+|0))?")
+
+
+def parse_method(name: str) -> MethodSpec:
+    """``HEAD`` -> chain drafting; ``HEAD@P`` -> confidence-gated chain, P in [0, 1);
+    ``HEAD:tN[kM][pQ]`` -> tree drafting: at most N nodes a round, top M children per node
+    (default 4), nodes past the K best kept when their path probability is >= Q (default 0).
+    Raises UserError naming the method when it does not parse."""
+    if ":" in name:
+        base, _, tree = name.partition(":")
+        m = _TREE.fullmatch(tree)
+        nodes, top_k, q = (int(m[1]), int(m[2] or 4), float(m[3] or 0)) if m else (0, 0, 0.0)
+        if not base or nodes < 1 or top_k < 1:
+            raise UserError(f"method {name!r}: HEAD:tN[kM][pQ] needs a head name, N >= 1 tree nodes, "
+                            "M >= 1 children per node and a path probability 0 <= Q < 1")
+        return MethodSpec(base, tree=TreeSpec(nodes, top_k, q))
     base, at, conf = name.partition("@")
     if not at:
-        return name, 0.0
+        return MethodSpec(name)
     try:
         p = float(conf)
     except ValueError:
         p = -1.0
     if not base or not 0.0 <= p < 1.0:
         raise UserError(f"method {name!r}: HEAD@P needs a head name and a confidence P in [0, 1)")
-    return base, p
+    return MethodSpec(base, min_confidence=p)
 
 
 def slot_names(layout: TokenLayout) -> dict[int, str]:
@@ -146,11 +180,12 @@ def bench_setup(cfg: BenchConfig, builtin: tuple[str, ...] = ("ar",)) -> BenchSe
     if "ar" not in cfg.methods:
         raise UserError("--methods must include ar (the baseline for speedup and identical_rate)")
     for name in cfg.methods:
-        if "@" in name and cfg.engine != "reference":
-            raise UserError(f"method {name!r}: HEAD@P (confidence-gated drafting) needs --engine reference")
-        base = parse_method(name)[0]
-        if "@" in name and base in builtin:
-            raise UserError(f"method {name!r}: @P applies to a draft head, not to {base}")
+        spec = parse_method(name)
+        base = spec.head
+        if not spec.plain and cfg.engine != "reference":
+            raise UserError(f"method {name!r}: HEAD@P and HEAD:tN (gated and tree drafting) need --engine reference")
+        if not spec.plain and base in builtin:
+            raise UserError(f"method {name!r}: @P and :tN apply to a draft head, not to {base}")
         if base not in builtin and not (paths.head(base) / "config.json").exists():
             raise UserError(f"unknown method {name!r}: no head at {paths.head(base)} (train it with `padrec build`)")
     preset = get_preset(info["preset"])
@@ -201,21 +236,21 @@ def run_bench(cfg: BenchConfig) -> dict:
         raise UserError(f"unknown engine {cfg.engine!r}")
     setup = bench_setup(cfg)
     target = load_target(setup.paths.target, device=cfg.device)
-    specs = {name: parse_method(name) for name in cfg.methods}  # method -> (head name, min confidence)
+    specs = {name: parse_method(name) for name in cfg.methods}
     loaded: dict[str, DraftHead] = {}
     heads: dict[str, DraftHead | None] = {"ar": None}  # method name -> its head
-    for name, (base, _) in specs.items():
+    for name, spec in specs.items():
         if name != "ar":
-            if base not in loaded:
-                loaded[base] = load_head(setup.paths.head(base), device=cfg.device, dtype=torch.float32).eval()
-            heads[name] = loaded[base]
+            if spec.head not in loaded:
+                loaded[spec.head] = load_head(setup.paths.head(spec.head), device=cfg.device, dtype=torch.float32).eval()
+            heads[name] = loaded[spec.head]
     prompts = setup.prompts
 
     def run(name: str, chunk: list[list[int]]) -> tuple[list[RequestResult], float]:
         t0 = time.perf_counter()
         res = generate(target, chunk, max_new_tokens=setup.limit, eos_id=EOS_ID, batch_size=len(chunk),
                        head=heads[name], num_draft_tokens=setup.k if heads[name] is not None else None,
-                       min_draft_confidence=specs[name][1])
+                       min_draft_confidence=specs[name].min_confidence, tree=specs[name].tree)
         if cfg.device.startswith("cuda"):
             torch.cuda.synchronize()
         return res, time.perf_counter() - t0
@@ -236,7 +271,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             latency[name] += [1000 * secs] * len(chunk)
     runs = {n: MethodRun(results[n], wall[n], latency[n]) for n in names}
     timed = time_head_forwards(loaded, target, cfg.batch_size)
-    head_ms = {n: timed[specs[n][0]] for n in heads if n != "ar"}
+    head_ms = {n: timed[specs[n].head] for n in heads if n != "ar"}
     return bench_result(cfg, setup, runs, head_ms, engine="reference")
 
 

@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", type=_csv, default=("ar", "eagle", "padrec"),
                        help="comma-separated: ar, ngram (vllm engine only) and head names under DIR/heads/; "
                             "HEAD@P (reference engine) ends each draft chain at the first draft the head "
-                            "gives probability below P")
+                            "gives probability below P; HEAD:tN[kM][pQ] (reference engine) drafts a tree "
+                            "of up to N nodes a round, top M children per node (default 4), nodes past the K best "
+                            "only at path probability >= Q")
     bench.add_argument("--users", type=_positive_int, default=200, help="test users, sampled with the preset's seed (default: 200)")
     bench.add_argument("--batch-size", type=_positive_int, default=1, help="requests per batch (default: 1)")
     bench.add_argument("--k", type=_positive_int, default=None, help="draft tokens per round (default: preset's)")

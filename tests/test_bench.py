@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from padrec_vllm.artifacts import ArtifactPaths
-from padrec_vllm.bench import BenchConfig, format_table, run_bench, write_outputs
+from padrec_vllm.bench import BenchConfig, MethodSpec, format_table, parse_method, run_bench, write_outputs
 from padrec_vllm.cli import main
+from padrec_vllm.decoding import TreeSpec
 from padrec_vllm.model.head_checkpoint import load_head
 from padrec_vllm.model.target import load_target
 from padrec_vllm.train.heads import unrolled_loss
@@ -91,13 +92,31 @@ def test_bench_gated_method_runs_beside_its_head(tiny_artifacts, synth_data_dir)
     assert gated["draft_forwards"] <= 3 * gated["target_forwards"]
 
 
+def test_bench_tree_method_runs_beside_its_head(tiny_artifacts, synth_data_dir):
+    result = run_bench(BenchConfig(artifacts=tiny_artifacts, methods=("ar", "padrec", "padrec:t5k2"), users=6,
+                                   batch_size=2, data_dir=str(synth_data_dir)))
+    chain, tree = result["methods"]["padrec"], result["methods"]["padrec:t5k2"]
+    assert tree["identical_rate"] == 1.0 and chain["identical_rate"] == 1.0
+    assert tree["head_forward_ms"] == chain["head_forward_ms"]
+    assert tree["draft_forwards"] == 3 * tree["target_forwards"]  # one head call per depth
+    assert len(tree["accept_by_pos"]) == 3
+
+
+@pytest.mark.parametrize("spec, want", [("eagle", MethodSpec("eagle")), ("eagle@0.3", MethodSpec("eagle", 0.3)),
+                                        ("padrec:t8", MethodSpec("padrec", tree=TreeSpec(8, 4))),
+                                        ("padrec:t6k2", MethodSpec("padrec", tree=TreeSpec(6, 2)))])
+def test_parse_method(spec, want):
+    assert parse_method(spec) == want
+
+
 def test_bench_cli_errors(tiny_artifacts, capsys):
     assert main(["bench", "--artifacts", str(tiny_artifacts), "--methods", "ar,medusa"]) == 2  # before data
     assert "unknown method 'medusa'" in capsys.readouterr().err
     assert main(["bench", "--artifacts", str(tiny_artifacts), "--methods", "eagle"]) == 2
-    for bad in ("eagle@1", "eagle@x", "@0.3", "ar@0.3"):
+    for bad in ("eagle@1", "eagle@x", "@0.3", "ar@0.3", "eagle:t0", "eagle:t4k0", "eagle:tree", ":t4", "ar:t4"):
         assert main(["bench", "--artifacts", str(tiny_artifacts), "--methods", f"ar,{bad}"]) == 2
         assert repr(bad) in capsys.readouterr().err
-    assert main(["bench", "--artifacts", str(tiny_artifacts), "--engine", "vllm", "--methods", "ar,eagle@0.3"]) == 2
-    assert "needs --engine reference" in capsys.readouterr().err
+    for bad in ("eagle@0.3", "eagle:t4"):
+        assert main(["bench", "--artifacts", str(tiny_artifacts), "--engine", "vllm", "--methods", f"ar,{bad}"]) == 2
+        assert "need --engine reference" in capsys.readouterr().err
     assert main(["train-heads", "--artifacts", str(tiny_artifacts), "--heads", "foo"]) == 2

@@ -1,4 +1,4 @@
-"""Reference engine: batched greedy and chain speculative decoding in plain PyTorch.
+"""Reference engine: batched greedy, chain and tree speculative decoding in plain PyTorch.
 
 Works with any Hugging Face causal LM that has ``.model`` (returning post-final-norm hidden
 states, the features) and ``.lm_head`` — LlamaForCausalLM, Qwen2ForCausalLM. It knows nothing
@@ -9,13 +9,16 @@ Batching: prompts are taken ``batch_size`` at a time, in order; each batch is ri
 prefilled in one forward; rows leave the batch when they finish (``eos`` emitted — it is kept in
 the output — or ``max_new_tokens`` reached). Per-row acceptance: rows of one round keep different
 numbers of tokens; the target's cache marks the rest as holes (``kv.TargetKV``), the head's cache
-is addressed by position and needs no rollback (``heads.HeadCache``).
+is addressed by position and needs no rollback (``heads.HeadCache``). A round drafts a chain
+(``speculative``) or, with a ``TreeSpec``, a tree verified under a tree mask (``tree``); either way
+it emits the target's greedy tokens.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -25,6 +28,7 @@ from padrec_vllm.decoding.kv import TargetKV
 from padrec_vllm.decoding.protocol import Drafter
 from padrec_vllm.decoding.results import RequestResult
 from padrec_vllm.decoding.speculative import accepted_prefix, draft_chain
+from padrec_vllm.decoding.tree import TreeSpec, accept_tree, draft_tree, path_indices
 
 
 @dataclass
@@ -91,6 +95,7 @@ def generate(
     num_draft_tokens: int | None = None,
     slot_of_token: torch.Tensor | list[int] | None = None,
     min_draft_confidence: float = 0.0,
+    tree: TreeSpec | None = None,
     progress: str | None = None,
 ) -> list[RequestResult]:
     """Greedy-decode every prompt; with ``head``, by chain speculative decoding.
@@ -98,7 +103,9 @@ def generate(
     ``num_draft_tokens`` (K) defaults to ``head.num_steps``; it is the most drafts a round proposes.
     ``min_draft_confidence`` in [0, 1): 0 proposes all K every round; above 0 a round's chain stops
     at the first draft whose probability under the head is below it (``speculative.draft_chain``),
-    which never changes the output, only the work. ``slot_of_token`` [V] (default: the head's
+    which never changes the output, only the work. ``tree`` drafts a tree of ``tree.nodes``
+    candidates up to K deep each round and verifies it in one forward (``decoding.tree``; the head
+    must be a ``DraftHead``); it excludes ``min_draft_confidence``. ``slot_of_token`` [V] (default: the head's
     table, if any) enables ``accept_by_slot``. Results are in prompt order. ``progress``, when
     given, is the label of a progress bar over batches.
     """
@@ -106,6 +113,8 @@ def generate(
         raise ValueError("max_new_tokens and batch_size must be >= 1")
     if not 0.0 <= min_draft_confidence < 1.0:
         raise ValueError(f"min_draft_confidence must be in [0, 1), got {min_draft_confidence}")
+    if tree is not None and (head is None or min_draft_confidence > 0):
+        raise ValueError("tree drafting needs a head and excludes min_draft_confidence")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     num_drafts = 0
@@ -123,7 +132,7 @@ def generate(
             rows = _decode_batch(
                 target, prompts[start : start + batch_size], head, num_drafts,
                 max_new_tokens=max_new_tokens, eos_id=eos_id, slots=slots,
-                min_confidence=min_draft_confidence,
+                min_confidence=min_draft_confidence, tree=tree,
             )
             results.extend(row.result() for row in rows)
     return results
@@ -151,6 +160,7 @@ def _decode_batch(
     eos_id: int | None,
     slots: list[int] | None,
     min_confidence: float,
+    tree: TreeSpec | None,
 ) -> list[_Row]:
     device = next(target.parameters()).device
     b = len(prompts)
@@ -205,29 +215,80 @@ def _decode_batch(
             continue
 
         t0 = _clock(device)
-        drafts, proposed = draft_chain(
-            head, embed, lm_head, hcache, h_ids, h_feats, h_pos, h_count, num_drafts, min_confidence
-        )  # [B, L], [B]
-        head_steps = drafts.shape[1]
-        n_prop = proposed.tolist()
-        drafts = drafts[:, : max(n_prop)]  # [B, D]: verify only what some row proposes
-        t1 = _clock(device)
-        _charge(rows, alive, "draft_s", t1 - t0)
-
-        start = kv.lengths.clone()  # [B]: position of x_n
-        block = torch.cat((nxt[:, None], drafts), dim=1)  # [B, D+1]
-        feats = kv.forward_block(block)  # [B, D+1, H]
-        verified = lm_head(feats).argmax(-1)  # [B, D+1]
-        accepted = accepted_prefix(drafts, verified, proposed)  # [B]
-        kv.keep(accepted + 1)
-        nxt = verified[torch.arange(len(alive), device=device), accepted]  # [B]: the next x_n
-        # the kept positions n..n+a become the head's pending inputs: (f_{n+j}, x_{n+j+1})
-        h_ids, h_feats, h_count = verified, feats, accepted + 1
-        h_pos = start[:, None] + torch.arange(block.shape[1], device=device)  # [B, D+1]
+        pending = (h_ids, h_feats, h_pos, h_count)
+        if tree is None:
+            rnd = _chain_round(head, embed, lm_head, hcache, kv, nxt, pending, num_drafts, min_confidence)
+        else:
+            rnd = _tree_round(head, embed, lm_head, hcache, kv, nxt, pending, num_drafts, tree)
+        _charge(rows, alive, "draft_s", rnd.drafted_at - t0)
+        nxt, (h_ids, h_feats, h_pos, h_count) = rnd.next_token, rnd.pending
         finished = []
-        for i, (d, v, a) in enumerate(zip(drafts.tolist(), verified.tolist(), accepted.tolist())):
+        for i, (emitted, proposed, a) in enumerate(zip(rnd.emitted, rnd.proposed, rnd.accepted)):
             row = rows[alive[i]]
-            row.count_round(d[: n_prop[i]], a, slots, head_steps)
-            finished.append(row.emit(v[: a + 1], max_new_tokens, eos_id))
-        _charge(rows, alive, "verify_s", _clock(device) - t1)
+            row.count_round(proposed, a, slots, rnd.head_steps)
+            finished.append(row.emit(emitted, max_new_tokens, eos_id))
+        _charge(rows, alive, "verify_s", _clock(device) - rnd.drafted_at)
     return rows
+
+
+class _Round(NamedTuple):
+    """What one speculative round hands back to the batch loop."""
+
+    next_token: torch.Tensor  # [B]: the new x_n
+    pending: tuple  # the head's next pending inputs: ids [B, T], features [B, T, H], positions [B, T], counts [B]
+    emitted: list[list[int]]  # per row: the tokens the round emits
+    proposed: list[list[int]]  # per row: the drafts at positions 1.. (for the acceptance counts)
+    accepted: list[int]  # per row: drafts kept
+    head_steps: int
+    drafted_at: float  # clock when drafting ended
+
+
+def _chain_round(head, embed, lm_head, hcache, kv: TargetKV, nxt: torch.Tensor, pending: tuple,
+                 num_drafts: int, min_confidence: float) -> _Round:
+    """Draft a chain, verify [x_n, d_1..d_L] causally, keep the agreeing prefix."""
+    device = nxt.device
+    drafts, proposed = draft_chain(head, embed, lm_head, hcache, *pending, num_drafts, min_confidence)  # [B, L], [B]
+    head_steps = drafts.shape[1]
+    n_prop = proposed.tolist()
+    drafts = drafts[:, : max(n_prop)]  # [B, D]: verify only what some row proposes
+    t1 = _clock(device)
+    start = kv.lengths.clone()  # [B]: position of x_n
+    block = torch.cat((nxt[:, None], drafts), dim=1)  # [B, D+1]
+    feats = kv.forward_block(block)  # [B, D+1, H]
+    verified = lm_head(feats).argmax(-1)  # [B, D+1]
+    accepted = accepted_prefix(drafts, verified, proposed)  # [B]
+    kv.keep(accepted + 1)
+    nxt = verified[torch.arange(len(nxt), device=device), accepted]  # [B]: the next x_n
+    # the kept positions n..n+a become the head's pending inputs: (f_{n+j}, x_{n+j+1})
+    h_pos = start[:, None] + torch.arange(block.shape[1], device=device)  # [B, D+1]
+    acc = accepted.tolist()
+    return _Round(nxt, (verified, feats, h_pos, accepted + 1),
+                  [v[: a + 1] for v, a in zip(verified.tolist(), acc)],
+                  [d[:p] for d, p in zip(drafts.tolist(), n_prop)], acc, head_steps, t1)
+
+
+def _tree_round(head, embed, lm_head, hcache, kv: TargetKV, nxt: torch.Tensor, pending: tuple,
+                num_drafts: int, tree: TreeSpec) -> _Round:
+    """Draft a tree, verify [x_n, nodes] under the tree mask, keep the agreeing path. A row's
+    ``proposed`` is the target's token at each depth its tree reaches, up to the first rejection
+    (so ``accept_by_slot`` counts the slot the drafts competed for)."""
+    device = nxt.device
+    dt = draft_tree(head, embed, lm_head, hcache, *pending, num_drafts, tree)
+    t1 = _clock(device)
+    start = kv.lengths.clone()  # [B]: position of x_n
+    block = torch.cat((nxt[:, None], dt.tokens), dim=1)  # [B, N+1]
+    depths = torch.cat((torch.zeros_like(nxt)[:, None], dt.depths), dim=1)  # [B, N+1]
+    feats = kv.forward_block(block, depths, dt.mask)  # [B, N+1, H]
+    verified = lm_head(feats).argmax(-1)  # [B, N+1]
+    accepted, leaf = accept_tree(dt, verified)  # [B], [B]
+    rows = torch.arange(len(nxt), device=device)  # [B]
+    kv.keep_mask(dt.mask[rows, leaf])
+    path = path_indices(dt, leaf, num_drafts + 1)  # [B, K+1]
+    h_ids = verified.gather(1, path)  # [B, K+1]: x_{n+j+1} on the kept path
+    h_feats = feats.gather(1, path[..., None].expand(-1, -1, feats.shape[-1]))  # [B, K+1, H]
+    h_pos = start[:, None] + torch.arange(num_drafts + 1, device=device)  # [B, K+1]
+    acc, reach = accepted.tolist(), dt.depths.amax(dim=1).tolist()
+    path_tokens = h_ids.tolist()
+    return _Round(verified[rows, leaf], (h_ids, h_feats, h_pos, accepted + 1),
+                  [p[: a + 1] for p, a in zip(path_tokens, acc)],
+                  [p[:r] for p, r in zip(path_tokens, reach)], acc, dt.head_steps, t1)

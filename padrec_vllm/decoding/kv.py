@@ -3,9 +3,13 @@
 All rows share one slot axis of a transformers ``DynamicCache``. Every forward appends a block of
 T slots to every row; afterwards ``keep(n)`` marks the first ``n[r]`` slots of the block valid for
 row r and the rest (prompt padding, rejected drafts) as holes, hidden from later queries through
-the 2-D attention mask. Trailing slots that no row kept are cropped. A row's next position id is
+the attention mask. Trailing slots that no row kept are cropped. A row's next position id is
 its number of valid slots, so holes never shift positions. Slot 0 is valid in every row (prompts
 are non-empty), so no query ever has all keys masked.
+
+A block is causal by default; a draft tree's block (``decoding.tree``) instead gives each input a
+depth (position = next position + depth) and a visibility mask over the block, and keeps the
+accepted path, whose slots need not be contiguous (``keep_mask``).
 """
 
 from __future__ import annotations
@@ -24,20 +28,32 @@ class TargetKV:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
         self._block = 0  # width of the last block
 
-    def forward_block(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward_block(self, input_ids: torch.Tensor, depths: torch.Tensor | None = None,
+                      block_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Target over ``input_ids`` [B, T] at each row's next positions -> features [B, T, H].
 
-        Within the block the inputs are causal; a row's padding must come after its real inputs.
+        Default: the inputs are causal within the block, at positions next..next+T-1; a row's
+        padding must come after its real inputs. A tree block gives ``depths`` [B, T] (input j sits
+        at position next + depths[r, j]) and ``block_mask`` [B, T, T] (True: query i sees input j).
         """
         b, t = input_ids.shape
+        if (depths is None) != (block_mask is None):
+            raise ValueError("a tree block needs both depths and block_mask")
         steps = torch.arange(t, device=input_ids.device)  # [T]
-        position_ids = self.lengths[:, None] + steps  # [B, T]
+        position_ids = self.lengths[:, None] + (steps if depths is None else depths)  # [B, T]
         block = torch.ones(b, t, dtype=torch.bool, device=input_ids.device)  # [B, T]
         self.valid = torch.cat((self.valid, block), dim=1)  # [B, S + T]
         self._block = t
+        mask = self.valid.long()  # [B, S + T]
+        if block_mask is not None:
+            past = self.valid[:, None, :-t].expand(b, t, -1)  # [B, T, S]
+            seen = torch.cat((past, block_mask), dim=2)[:, None]  # [B, 1, T, S + T]
+            dtype = self.target.get_input_embeddings().weight.dtype
+            mask = torch.zeros(seen.shape, dtype=dtype, device=seen.device)  # additive: 0 = seen
+            mask.masked_fill_(~seen, torch.finfo(dtype).min)
         out = self.target.model(
             input_ids=input_ids,
-            attention_mask=self.valid.long(),
+            attention_mask=mask,
             position_ids=position_ids,
             past_key_values=self.cache,
             use_cache=True,
@@ -46,12 +62,17 @@ class TargetKV:
 
     def keep(self, counts: torch.Tensor) -> None:
         """Keep the first ``counts[r]`` [B] slots of the last block of row r; drop the rest."""
+        steps = torch.arange(self._block, device=counts.device)  # [T]
+        self.keep_mask(steps[None, :] < counts[:, None])
+
+    def keep_mask(self, kept: torch.Tensor) -> None:
+        """Keep the slots of the last block where ``kept`` [B, T] is True; drop the rest. The kept
+        inputs must have held positions next..next+n-1 (n kept in the row)."""
         t, self._block = self._block, 0
         if t == 0:
             raise RuntimeError("keep() must follow a forward_block()")
-        steps = torch.arange(t, device=counts.device)  # [T]
-        self.valid[:, -t:] = steps[None, :] < counts[:, None]  # [B, T]
-        self.lengths = self.lengths + counts  # [B]
+        self.valid[:, -t:] = kept  # [B, T]
+        self.lengths = self.lengths + kept.sum(dim=1)  # [B]
         self._crop_tail()
 
     def select(self, rows: torch.Tensor) -> None:

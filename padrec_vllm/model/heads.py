@@ -198,6 +198,29 @@ class HeadCache:
         self.keys = self.keys[rows]
         self.values = self.values[rows]
 
+    def scratch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed keys, values [B, size, Hkv, D] for the tree nodes of one round (``TreeAttention``)."""
+        b, _, hkv, d = self.keys.shape
+        return (self.keys.new_zeros(b, size, hkv, d), self.values.new_zeros(b, size, hkv, d))
+
+
+@dataclass(frozen=True)
+class TreeAttention:
+    """Where a decoding call's queries sit in a draft tree (``decoding.tree``).
+
+    Sibling tree nodes share a position, so their keys/values cannot go to the position-addressed
+    ``HeadCache``; they go to a per-round scratch instead. A call writes its keys/values at scratch
+    entries ``slots`` [T] (the same for every row; the tensors are written in place) and each query
+    attends to the cache slots below ``prefix_end`` [B] (the verified positions) plus the scratch
+    entries ``visible`` [B, T, M] marks (its tree ancestors and itself). The cache is not written.
+    """
+
+    keys: torch.Tensor  # [B, M, Hkv, D]
+    values: torch.Tensor  # [B, M, Hkv, D]
+    slots: torch.Tensor  # [T]
+    visible: torch.Tensor  # [B, T, M] bool
+    prefix_end: torch.Tensor  # [B]
+
 
 def rope_cos_sin(
     position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
@@ -255,13 +278,22 @@ class Attention(nn.Module):
         position_ids: torch.Tensor,
         cache: HeadCache | None,
         attention_mask: torch.Tensor | None,
+        tree: TreeAttention | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)  # [B, T, Hq, D]
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-        if cache is not None:
+        if tree is not None:
+            tree.keys[:, tree.slots] = k
+            tree.values[:, tree.slots] = v
+            slots = torch.arange(cache.capacity, device=x.device)  # [S]
+            prefix = slots[None, None, :] < tree.prefix_end[:, None, None]  # [B, 1, S]
+            mask = torch.cat((prefix.expand(b, t, -1), tree.visible), dim=2)  # [B, T, S + M]
+            k = torch.cat((cache.keys, tree.keys), dim=1)  # [B, S + M, Hkv, D]
+            v = torch.cat((cache.values, tree.values), dim=1)  # [B, S + M, Hkv, D]
+        elif cache is not None:
             cache.write(k, v, position_ids)
             k, v = cache.keys, cache.values  # [B, S, Hkv, D]
             slots = torch.arange(k.shape[1], device=x.device)  # [S]
@@ -302,8 +334,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, u, cos, sin, position_ids, cache, attention_mask) -> torch.Tensor:
-        r = u + self.self_attn(u, cos, sin, position_ids, cache, attention_mask)  # [B, T, H]
+    def forward(self, u, cos, sin, position_ids, cache, attention_mask, tree=None) -> torch.Tensor:
+        r = u + self.self_attn(u, cos, sin, position_ids, cache, attention_mask, tree)  # [B, T, H]
         return r + self.mlp(self.post_attention_layernorm(r))  # [B, T, H]
 
 
@@ -467,16 +499,20 @@ class DraftHead(nn.Module):
         embed: nn.Module,
         cache: HeadCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        tree: TreeAttention | None = None,
     ) -> torch.Tensor:
         """(x_{p+1}, f_p, p) -> h_p: input_ids [B, T], features [B, T, H], position_ids [B, T].
 
         ``step`` is the draft step k (1 = pass over verified tokens); ``embed`` the target's input
-        embedding; ``attention_mask`` [B, T] (1 = real token) only without a cache.
+        embedding; ``attention_mask`` [B, T] (1 = real token) only without a cache; ``tree`` (with
+        a cache) places the queries in a draft tree instead of at the cache's positions.
         """
         if step < 1:
             raise ValueError(f"draft step must be >= 1, got {step}")
         if cache is not None and attention_mask is not None:
             raise ValueError("attention_mask is for cache-free (training) calls only")
+        if tree is not None and cache is None:
+            raise ValueError("tree attention needs a cache (the verified prefix)")
         tables = None if features.is_cuda else self._decode_tables(embed)
         if tables is not None:
             u = self._folded_input(tables, input_ids, features, step)  # [B, T, H]
@@ -486,7 +522,7 @@ class DraftHead(nn.Module):
             if self.padrec is not None:
                 u = self._add_positions(u, input_ids, step)
         cos, sin = self._rope(position_ids, u.dtype, cache)  # [B, T, D] each
-        return self.layers[0](u, cos, sin, position_ids, cache, attention_mask)  # [B, T, H]
+        return self.layers[0](u, cos, sin, position_ids, cache, attention_mask, tree)  # [B, T, H]
 
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype,
               cache: HeadCache | None) -> tuple[torch.Tensor, torch.Tensor]:
