@@ -21,8 +21,10 @@ side. Its ``accept_by_pos`` counts proposed drafts only, its ``head_forward_ms``
 A method ``HEAD:tN`` (or ``HEAD:tNkM``, ``HEAD:tNkMpQ``; reference engine) runs HEAD with tree
 drafting: up to N draft nodes a round, the top M (default 4) children scored per expanded node,
 K deep, nodes past the K best kept only when the head gives their path probability >= Q
-(``decoding.tree``). Its ``accept_by_pos`` is the rate at which the kept path reaches each depth;
-``draft_forwards`` counts head calls, each over up to M nodes.
+(``decoding.tree``). Its ``accept_by_pos`` is the rate at which the kept path reaches each
+depth; ``draft_forwards`` counts head calls, each over up to M nodes.
+``HEAD+int8`` (also ``HEAD+int8@P``, ``HEAD+int8:tN..``; reference engine, CPU) drafts with an
+int8 copy of HEAD (``model.int8_linear``); its ``head_forward_ms`` is the int8 copy's.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from padrec_vllm.errors import UserError
 from padrec_vllm.eval.evaluate import EvalUsers, list_quality, max_new_tokens, sample_test_users
 from padrec_vllm.model.head_checkpoint import load_head
 from padrec_vllm.model.heads import DraftHead
+from padrec_vllm.model.int8_linear import quantize_head
 from padrec_vllm.model.target import load_target
 from padrec_vllm.presets import get_preset
 
@@ -70,11 +73,12 @@ class MethodSpec:
     head: str
     min_confidence: float = 0.0
     tree: TreeSpec | None = None
+    int8: bool = False  # draft with an int8 copy of the head (model.int8_linear)
 
     @property
     def plain(self) -> bool:
-        """Chain drafting with K drafts a round (what the vLLM engine runs)."""
-        return self.min_confidence == 0.0 and self.tree is None
+        """Float chain drafting with K drafts a round (what the vLLM engine runs)."""
+        return self.min_confidence == 0.0 and self.tree is None and not self.int8
 
 
 _TREE = re.compile(r"t(\d+)(?:k(\d+))?(?:p(0?\.\d+|0))?")
@@ -84,7 +88,19 @@ def parse_method(name: str) -> MethodSpec:
     """``HEAD`` -> chain drafting; ``HEAD@P`` -> confidence-gated chain, P in [0, 1);
     ``HEAD:tN[kM][pQ]`` -> tree drafting: at most N nodes a round, top M children per node
     (default 4), nodes past the K best kept when their path probability is >= Q (default 0).
+    ``HEAD+int8`` in any of these drafts with the head's int8 copy.
     Raises UserError naming the method when it does not parse."""
+    spec = _parse_drafting(name)
+    head, plus, precision = spec.head.partition("+")
+    if not plus:
+        return spec
+    if not head or precision != "int8":
+        raise UserError(f"method {name!r}: HEAD+int8 is the only precision suffix (for a head name)")
+    return MethodSpec(head, spec.min_confidence, spec.tree, int8=True)
+
+
+def _parse_drafting(name: str) -> MethodSpec:
+    """``parse_method`` without the precision suffix (left on the head name)."""
     if ":" in name:
         base, _, tree = name.partition(":")
         m = _TREE.fullmatch(tree)
@@ -183,9 +199,12 @@ def bench_setup(cfg: BenchConfig, builtin: tuple[str, ...] = ("ar",)) -> BenchSe
         spec = parse_method(name)
         base = spec.head
         if not spec.plain and cfg.engine != "reference":
-            raise UserError(f"method {name!r}: HEAD@P and HEAD:tN (gated and tree drafting) need --engine reference")
+            raise UserError(f"method {name!r}: HEAD@P, HEAD:tN and HEAD+int8 (gated, tree and int8 drafting) "
+                            "need --engine reference")
         if not spec.plain and base in builtin:
-            raise UserError(f"method {name!r}: @P and :tN apply to a draft head, not to {base}")
+            raise UserError(f"method {name!r}: @P, :tN and +int8 apply to a draft head, not to {base}")
+        if spec.int8 and cfg.device != "cpu":
+            raise UserError(f"method {name!r}: int8 drafting runs on CPU only (--device cpu)")
         if base not in builtin and not (paths.head(base) / "config.json").exists():
             raise UserError(f"unknown method {name!r}: no head at {paths.head(base)} (train it with `padrec build`)")
     preset = get_preset(info["preset"])
@@ -237,13 +256,16 @@ def run_bench(cfg: BenchConfig) -> dict:
     setup = bench_setup(cfg)
     target = load_target(setup.paths.target, device=cfg.device)
     specs = {name: parse_method(name) for name in cfg.methods}
-    loaded: dict[str, DraftHead] = {}
+    loaded: dict[str, DraftHead] = {}  # "HEAD" or "HEAD+int8" -> the head
     heads: dict[str, DraftHead | None] = {"ar": None}  # method name -> its head
     for name, spec in specs.items():
         if name != "ar":
             if spec.head not in loaded:
                 loaded[spec.head] = load_head(setup.paths.head(spec.head), device=cfg.device, dtype=torch.float32).eval()
-            heads[name] = loaded[spec.head]
+            key = _head_key(spec)
+            if key not in loaded:
+                loaded[key] = quantize_head(loaded[spec.head], target.lm_head)
+            heads[name] = loaded[key]
     prompts = setup.prompts
 
     def run(name: str, chunk: list[list[int]]) -> tuple[list[RequestResult], float]:
@@ -255,6 +277,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             torch.cuda.synchronize()
         return res, time.perf_counter() - t0
 
+    used = {_head_key(s) for n, s in specs.items() if n != "ar"}
     names = list(heads)
     for name in names:  # warm-up, excluded
         run(name, prompts[: cfg.batch_size])
@@ -270,9 +293,13 @@ def run_bench(cfg: BenchConfig) -> dict:
             wall[name] += secs
             latency[name] += [1000 * secs] * len(chunk)
     runs = {n: MethodRun(results[n], wall[n], latency[n]) for n in names}
-    timed = time_head_forwards(loaded, target, cfg.batch_size)
-    head_ms = {n: timed[specs[n].head] for n in heads if n != "ar"}
+    timed = time_head_forwards({k: h for k, h in loaded.items() if k in used}, target, cfg.batch_size)
+    head_ms = {n: timed[_head_key(specs[n])] for n in heads if n != "ar"}
     return bench_result(cfg, setup, runs, head_ms, engine="reference")
+
+
+def _head_key(spec: MethodSpec) -> str:
+    return spec.head + ("+int8" if spec.int8 else "")
 
 
 def _device_name(device: str) -> str:

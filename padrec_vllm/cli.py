@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "HEAD@P (reference engine) ends each draft chain at the first draft the head "
                             "gives probability below P; HEAD:tN[kM][pQ] (reference engine) drafts a tree "
                             "of up to N nodes a round, top M children per node (default 4), nodes past the K best "
-                            "only at path probability >= Q")
+                            "only at path probability >= Q; HEAD+int8 (with any of these; reference engine, CPU) drafts "
+                            "with an int8 copy of the head")
     bench.add_argument("--users", type=_positive_int, default=200, help="test users, sampled with the preset's seed (default: 200)")
     bench.add_argument("--batch-size", type=_positive_int, default=1, help="requests per batch (default: 1)")
     bench.add_argument("--k", type=_positive_int, default=None, help="draft tokens per round (default: preset's)")

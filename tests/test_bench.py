@@ -93,18 +93,24 @@ def test_bench_gated_method_runs_beside_its_head(tiny_artifacts, synth_data_dir)
 
 
 def test_bench_tree_method_runs_beside_its_head(tiny_artifacts, synth_data_dir):
-    result = run_bench(BenchConfig(artifacts=tiny_artifacts, methods=("ar", "padrec", "padrec:t5k2"), users=6,
-                                   batch_size=2, data_dir=str(synth_data_dir)))
+    methods = ("ar", "padrec", "padrec:t5k2", "padrec+int8", "padrec+int8:t5k2p0.05")
+    result = run_bench(BenchConfig(artifacts=tiny_artifacts, methods=methods, users=6, batch_size=2,
+                                   data_dir=str(synth_data_dir)))
     chain, tree = result["methods"]["padrec"], result["methods"]["padrec:t5k2"]
-    assert tree["identical_rate"] == 1.0 and chain["identical_rate"] == 1.0
+    assert all(result["methods"][m]["identical_rate"] == 1.0 for m in methods)
     assert tree["head_forward_ms"] == chain["head_forward_ms"]
     assert tree["draft_forwards"] == 3 * tree["target_forwards"]  # one head call per depth
     assert len(tree["accept_by_pos"]) == 3
+    int8 = result["methods"]["padrec+int8"]
+    assert int8["head_forward_ms"] == result["methods"]["padrec+int8:t5k2p0.05"]["head_forward_ms"]
+    assert int8["head_forward_ms"] != chain["head_forward_ms"]  # timed as its own head
 
 
 @pytest.mark.parametrize("spec, want", [("eagle", MethodSpec("eagle")), ("eagle@0.3", MethodSpec("eagle", 0.3)),
                                         ("padrec:t8", MethodSpec("padrec", tree=TreeSpec(8, 4))),
-                                        ("padrec:t6k2", MethodSpec("padrec", tree=TreeSpec(6, 2)))])
+                                        ("padrec:t6k2", MethodSpec("padrec", tree=TreeSpec(6, 2))),
+                                        ("padrec+int8:t6k2p0.1", MethodSpec("padrec", tree=TreeSpec(6, 2, 0.1), int8=True)),
+                                        ("eagle+int8@0.2", MethodSpec("eagle", 0.2, int8=True))])
 def test_parse_method(spec, want):
     assert parse_method(spec) == want
 
@@ -113,10 +119,11 @@ def test_bench_cli_errors(tiny_artifacts, capsys):
     assert main(["bench", "--artifacts", str(tiny_artifacts), "--methods", "ar,medusa"]) == 2  # before data
     assert "unknown method 'medusa'" in capsys.readouterr().err
     assert main(["bench", "--artifacts", str(tiny_artifacts), "--methods", "eagle"]) == 2
-    for bad in ("eagle@1", "eagle@x", "@0.3", "ar@0.3", "eagle:t0", "eagle:t4k0", "eagle:tree", ":t4", "ar:t4"):
+    for bad in ("eagle@1", "eagle@x", "@0.3", "ar@0.3", "eagle:t0", "eagle:t4k0", "eagle:tree", ":t4", "ar:t4",
+                "eagle:t4p1.5", "eagle+fp16", "+int8", "ar+int8"):
         assert main(["bench", "--artifacts", str(tiny_artifacts), "--methods", f"ar,{bad}"]) == 2
         assert repr(bad) in capsys.readouterr().err
-    for bad in ("eagle@0.3", "eagle:t4"):
+    for bad in ("eagle@0.3", "eagle:t4", "eagle+int8"):
         assert main(["bench", "--artifacts", str(tiny_artifacts), "--engine", "vllm", "--methods", f"ar,{bad}"]) == 2
         assert "need --engine reference" in capsys.readouterr().err
     assert main(["train-heads", "--artifacts", str(tiny_artifacts), "--heads", "foo"]) == 2

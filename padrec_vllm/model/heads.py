@@ -468,6 +468,7 @@ class DraftHead(nn.Module):
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [S, D] (decoding)
         self._params: tuple[nn.Parameter, ...] = ()  # cache of _folded_parameters()
         self._params_at = -1  # _registrations when _params was taken
+        self.draft_lm_head: nn.Module | None = None  # set by int8_linear.quantize_head
 
     @property
     def num_steps(self) -> int:
@@ -643,7 +644,7 @@ class DraftHead(nn.Module):
             self._terms_key, self._terms = key, terms
         return terms
 
-    @staticmethod
-    def logits(hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
-        """hidden [..., H] -> logits [..., V] through the target's ``lm_head``."""
-        return lm_head(hidden)
+    def logits(self, hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+        """hidden [..., H] -> logits [..., V] through the target's ``lm_head`` (or the head's own
+        copy of it, ``draft_lm_head``, when ``int8_linear.quantize_head`` made one)."""
+        return (lm_head if self.draft_lm_head is None else self.draft_lm_head)(hidden)
