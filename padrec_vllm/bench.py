@@ -264,7 +264,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                 loaded[spec.head] = load_head(setup.paths.head(spec.head), device=cfg.device, dtype=torch.float32).eval()
             key = _head_key(spec)
             if key not in loaded:
-                loaded[key] = quantize_head(loaded[spec.head], target.lm_head)
+                loaded[key] = quantize_head(loaded[spec.head], target)
             heads[name] = loaded[key]
     prompts = setup.prompts
 

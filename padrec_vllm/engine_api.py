@@ -48,10 +48,13 @@ class EngineConfig:
     vllm_enforce_eager: bool = False
     vllm_kv_cache_bytes: int | None = None  # None: vLLM's default (VLLM_CPU_KVCACHE_SPACE on CPU)
     vllm_args: dict = field(default_factory=dict)  # extra AsyncEngineArgs fields
+    draft_int8: bool = False  # reference engine, CPU, float32: int8 copy of the head drafts
 
     def __post_init__(self) -> None:
         if self.head is not None and self.head not in HEADS:
             raise ValueError(f"unknown head {self.head!r}; choose from {', '.join(HEADS)}")
+        if self.draft_int8 and (self.device != "cpu" or self.dtype != "float32"):
+            raise ValueError("draft_int8 needs device cpu and dtype float32")
 
     @property
     def paths(self) -> ArtifactPaths:
@@ -293,6 +296,10 @@ class ReferenceEngine:
             self._slots = load_slot_table(self.config.artifacts)
             if self.config.head is not None:
                 self._head = load_head(self.config.head_dir, device=self.config.device, dtype=dtype)
+                if self.config.draft_int8:
+                    from padrec_vllm.model.int8_linear import quantize_head
+
+                    self._head = quantize_head(self._head, self._target)
                 self._k = self.config.draft_tokens()
         except Exception as exc:  # any load failure means "not running"
             raise EngineError(

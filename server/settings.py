@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1 << 20
@@ -44,7 +44,17 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_batch_size: int = Field(32, ge=1, description="engine batch (vLLM: max_num_seqs)")
     device: str = Field("cpu", description="reference engine device (cpu, cuda, cuda:N)")
+    draft_int8: bool = Field(
+        False, description="reference engine on CPU, float32: draft with an int8 copy of the head "
+        "(faster draft steps; the target verifies in float32, so lists are unchanged)"
+    )
     vllm_enforce_eager: bool = False
     vllm_kv_cache_gib: float | None = Field(None, gt=0, description="vLLM KV cache size")
     vllm_args: dict = Field(default_factory=dict, description="extra vLLM AsyncEngineArgs (JSON)")
     log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _int8_drafting_is_reference_cpu(self) -> Settings:
+        if self.draft_int8 and (self.engine != "reference" or self.device != "cpu" or self.dtype != "float32"):
+            raise ValueError("draft_int8 needs engine=reference, device=cpu and dtype=float32")
+        return self

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from padrec_vllm.artifacts import ArtifactPaths
-from padrec_vllm.bench import BenchConfig, MethodSpec, format_table, parse_method, run_bench, write_outputs
+from padrec_vllm.bench import (
+    BenchConfig,
+    MethodSpec,
+    format_table,
+    parse_method,
+    run_bench,
+    write_outputs,
+)
 from padrec_vllm.cli import main
 from padrec_vllm.decoding import TreeSpec
 from padrec_vllm.model.head_checkpoint import load_head

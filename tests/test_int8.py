@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import random_prompts, tiny_head
 from torch import nn
 
 from padrec_vllm.decoding import TreeSpec, generate, identical_output_rate
 from padrec_vllm.model.int8_linear import Int8Linear, quantize_head
-from tiny_models import random_prompts, tiny_head
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,9 +27,9 @@ def test_int8_linear_is_close_to_float():
 @pytest.mark.parametrize("kind", ["eagle", "padrec"])
 def test_quantized_head_tracks_the_float_head(target, kind):
     head = tiny_head(target, kind, num_steps=3)
-    q = quantize_head(head, target.lm_head)
+    q = quantize_head(head, target)
     assert all(type(m) is not Int8Linear for m in head.modules())  # the float head is untouched
-    assert sum(type(m) is Int8Linear for m in q.modules()) == 8  # 7 layer linears + lm_head copy
+    assert sum(type(m) is Int8Linear for m in q.modules()) == 9  # 7 layer linears, lm_head, fold
     torch.manual_seed(0)
     ids = torch.randint(3, 30, (2, 7))  # [B, T]
     feats = torch.randn(2, 7, target.config.hidden_size)  # [B, T, H]
@@ -46,7 +46,7 @@ def test_quantized_head_tracks_the_float_head(target, kind):
 @pytest.mark.parametrize("tree", [None, TreeSpec(6, 2, 0.01)])
 def test_int8_drafting_is_lossless(target, batch_size, tree):
     prompts = random_prompts([5, 9, 3, 12], seed=3)
-    q = quantize_head(tiny_head(target, "padrec", num_steps=3), target.lm_head)
+    q = quantize_head(tiny_head(target, "padrec", num_steps=3), target)
     plain = generate(target, prompts, max_new_tokens=20, eos_id=None, batch_size=batch_size)
     spec = generate(target, prompts, max_new_tokens=20, eos_id=None, batch_size=batch_size, head=q, tree=tree)
     assert identical_output_rate(spec, plain) == 1.0
@@ -55,4 +55,4 @@ def test_int8_drafting_is_lossless(target, batch_size, tree):
 def test_quantize_head_needs_float32(target):
     head = tiny_head(target, "eagle", num_steps=3).to(torch.bfloat16)
     with pytest.raises(ValueError, match="float32 head on CPU"):
-        quantize_head(head, target.lm_head)
+        quantize_head(head, target)

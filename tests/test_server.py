@@ -532,3 +532,23 @@ def test_bench_overhead_runs(tiny_artifacts):
     res = run(tiny_artifacts, "null", requests=20, k=5, history=3, warmup=5)
     assert res["requests"] == 20 and 0 < res["rtt_p50_ms"] and res["engine_p50_ms"] >= 0
     assert res["overhead_p50_ms"] <= res["rtt_p50_ms"]
+
+
+def test_int8_drafting_serves_the_greedy_lists(tiny_artifacts, catalog):
+    """PADREC_DRAFT_INT8: the reference engine drafts with an int8 head; lists stay plain greedy."""
+    from server.engines import build_engine
+
+    prompts = [catalog.prompt_ids(h, 5) for h in ([1, 2, 3], [4, 5], [6, 7, 8, 9])]
+
+    async def lists(**kw):
+        engine = build_engine(Settings(artifacts=tiny_artifacts, engine="reference", **kw))
+        await engine.start(prompts, 20, calibrate=False)
+        try:
+            return [(await engine.generate(p, 20)).tokens for p in prompts]
+        finally:
+            await engine.close()
+
+    assert asyncio.run(lists(draft_int8=True)) == asyncio.run(lists(speculative=False))
+    for bad in ({"engine": "vllm"}, {"device": "cuda"}, {"dtype": "bfloat16"}):
+        with pytest.raises(Exception, match="draft_int8 needs engine=reference"):
+            Settings(artifacts=tiny_artifacts, **{"engine": "reference", **bad}, draft_int8=True)

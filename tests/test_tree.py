@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import LAYOUT, random_prompts, tiny_head
 
 from padrec_vllm.decoding import aggregate, generate, identical_output_rate
 from padrec_vllm.decoding.tree import DraftTree, TreeSpec, accept_tree, path_indices
 from padrec_vllm.model.heads import TreeAttention
-from tiny_models import LAYOUT, random_prompts, tiny_head
 
 K = 3
 LENGTHS = [5, 9, 3, 12]
@@ -105,8 +105,8 @@ def test_tree_is_lossless_with_real_heads(target, prompts, reference, kind, batc
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_top1_tree_is_the_chain(target, prompts, reference, batch_size):
     """A tree of one child per node is a chain: same tokens, rounds and acceptance counts."""
-    kwargs = dict(max_new_tokens=20, eos_id=None, batch_size=batch_size,
-                  slot_of_token=LAYOUT.slot_table())
+    kwargs = {"max_new_tokens": 20, "eos_id": None, "batch_size": batch_size,
+              "slot_of_token": LAYOUT.slot_table()}
     chain = generate(target, prompts, head=TreeTableDrafter(prompts, reference, "noisy"), **kwargs)
     tree = generate(target, prompts, head=TreeTableDrafter(prompts, reference, "noisy"),
                     tree=TreeSpec(K, 1), **kwargs)
@@ -124,7 +124,7 @@ def test_tree_accepts_the_second_choices(target, prompts, reference):
     is never right), so every round keeps 2 drafts and tau is 3."""
     rounds = 4
     max_new = 1 + rounds * 3
-    kwargs = dict(max_new_tokens=max_new, eos_id=None, batch_size=4)
+    kwargs = {"max_new_tokens": max_new, "eos_id": None, "batch_size": 4}
     chain = generate(target, prompts, head=TreeTableDrafter(prompts, reference, "runner-up"), **kwargs)
     drafter = TreeTableDrafter(prompts, reference, "runner-up")
     tree = generate(target, prompts, head=drafter, tree=TreeSpec(30, 2), **kwargs)
@@ -140,7 +140,7 @@ def test_min_prob_trims_the_doubtful_branches(target, prompts, reference):
     """Runner-up drafter (right token p ~ 0.27, wrong ~ 0.73): past the K best nodes (the chain of
     first choices), a path probability floor of 0.5 drops every right node, 0.05 keeps the right
     path to depth 2."""
-    kwargs = dict(max_new_tokens=13, eos_id=None, batch_size=4)
+    kwargs = {"max_new_tokens": 13, "eos_id": None, "batch_size": 4}
     for floor, tau in ((0.5, 1.0), (0.05, 3.0)):
         tree = generate(target, prompts, head=TreeTableDrafter(prompts, reference, "runner-up"),
                         tree=TreeSpec(30, 2, min_prob=floor), **kwargs)

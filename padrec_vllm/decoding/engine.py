@@ -98,7 +98,7 @@ def generate(
     tree: TreeSpec | None = None,
     progress: str | None = None,
 ) -> list[RequestResult]:
-    """Greedy-decode every prompt; with ``head``, by chain speculative decoding.
+    """Greedy-decode every prompt; with ``head``, by speculative decoding (chains, or trees).
 
     ``num_draft_tokens`` (K) defaults to ``head.num_steps``; it is the most drafts a round proposes.
     ``min_draft_confidence`` in [0, 1): 0 proposes all K every round; above 0 a round's chain stops

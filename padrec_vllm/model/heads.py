@@ -468,7 +468,9 @@ class DraftHead(nn.Module):
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [S, D] (decoding)
         self._params: tuple[nn.Parameter, ...] = ()  # cache of _folded_parameters()
         self._params_at = -1  # _registrations when _params was taken
-        self.draft_lm_head: nn.Module | None = None  # set by int8_linear.quantize_head
+        # set by int8_linear.quantize_head on its inference copy: int8 logits and feature projection
+        self.draft_lm_head: nn.Module | None = None
+        self.draft_feature_proj: nn.Module | None = None
 
     @property
     def num_steps(self) -> int:
@@ -569,7 +571,11 @@ class DraftHead(nn.Module):
         b, n, h = features.shape
         k = min(step, self.config.num_steps)
         x = F.embedding(input_ids, t.tokens[k]).flatten(0, 1)  # [B*T, H']
-        u = torch.addmm(x, features.reshape(b * n, h), t.features_t).view(b, n, -1)  # [B, T, H']
+        f = features.reshape(b * n, h)  # [B*T, H]
+        if self.draft_feature_proj is not None:  # int8 copy of features_t (int8_linear)
+            u = (x + self.draft_feature_proj(f)).view(b, n, -1)  # [B, T, H']
+        else:
+            u = torch.addmm(x, f, t.features_t).view(b, n, -1)  # [B, T, H']
         if t.step_vecs is None:
             return u
         return torch.addcmul(u[..., :h], torch.sigmoid(u[..., h : h + 1]), t.step_vecs[k])  # [B, T, H]

@@ -8,10 +8,11 @@ Only the draft changes: the target still verifies every draft in its own precisi
 output stays the target's greedy output; the head's acceptance may move slightly (measured in
 docs/RESULTS.md).
 
-``quantize_head(head, lm_head)`` returns an inference-only copy of a ``DraftHead`` whose decoder
-layer linears are ``Int8Linear`` and whose logits go through an int8 copy of ``lm_head``. The
-input projection ``fc`` and the PAD-Rec extras stay in float: they are folded into lookup tables
-for CPU decoding already (``heads.DraftHead._decode_tables``).
+``quantize_head(head, target)`` returns an inference-only copy of a ``DraftHead`` whose decoder
+layer linears are ``Int8Linear``, whose logits go through an int8 copy of the target's
+``lm_head``, and whose input projection is the CPU decoding fold (``heads.DraftHead._decode_tables``:
+``fc`` and the PAD-Rec terms as per-token tables plus one feature matrix) with that matrix in
+int8. The copy's parameters must not change afterwards: the int8 matrices are not recomputed.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def quantize_head(head: DraftHead, lm_head: nn.Module) -> DraftHead:
-    """An int8 copy of ``head`` for CPU drafting (module docstring); ``head`` is left as it is.
+def quantize_head(head: DraftHead, target: nn.Module) -> DraftHead:
+    """An int8 copy of ``head`` for CPU drafting with ``target`` (module docstring); ``head`` is
+    left as it is.
 
     Raises ValueError for a head that is not float32 on CPU (the int8 kernels are CPU-only and
     read float32 activations).
@@ -72,5 +74,11 @@ def quantize_head(head: DraftHead, lm_head: nn.Module) -> DraftHead:
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
                     setattr(parent, name, Int8Linear(child))
-    q.draft_lm_head = Int8Linear(lm_head)
+    q.draft_lm_head = Int8Linear(target.lm_head)
+    with torch.inference_mode():
+        tables = q._decode_tables(target.get_input_embeddings())
+    if tables is not None:  # the fold's feature matrix features_t [H, H'] as a linear H -> H'
+        fold = nn.Linear(*tables.features_t.shape, bias=False)
+        fold.weight.data = tables.features_t.t().contiguous()  # [H', H]
+        q.draft_feature_proj = Int8Linear(fold)
     return q

@@ -6,6 +6,12 @@ although both read the same weights once (memory-bound). Multiplying the other w
 ``W @ x^T``, streams the weight as it lies: 5 rows then cost about the same as 1 (figures in
 docs/RESULTS.md, bench preset section). Same math, so outputs match ``F.linear`` up to float rounding.
 
+A single row is the worst case: every formulation of a one-row product (``F.linear``, ``mv``,
+``W @ x^T``) ran at about half the speed of a two-row ``W @ x^T`` on our 2-core machines, cold
+cache, bench-preset shapes (one layer's seven linears: 0.74-0.80 ms against 0.34 ms). So one row
+is padded with a zero row and the product's first column kept: a plain decoding step (and a
+one-token draft step) gets the two-row speed.
+
 ``use_skinny_linears(model)`` turns every plain ``nn.Linear`` of a model into a ``SkinnyLinear``
 in place (same parameters and state dict). Training, other devices and wide inputs keep ``F.linear``.
 """
@@ -27,7 +33,9 @@ class SkinnyLinear(nn.Linear):
         if x.device.type != "cpu" or rows > MAX_ROWS or rows == 0 or torch.is_grad_enabled() or x.dtype != self.weight.dtype:
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, x.shape[-1])  # [N, in]
-        out = torch.mm(self.weight, flat.t()).t()  # [N, out]
+        if rows == 1:
+            flat = F.pad(flat, (0, 0, 0, 1))  # [2, in]: a zero row (module docstring)
+        out = torch.mm(self.weight, flat.t()).t()[:rows]  # [N, out]
         if self.bias is not None:
             out = out + self.bias
         return out.contiguous().view(*x.shape[:-1], self.out_features)  # [..., out]
