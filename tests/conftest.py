@@ -32,6 +32,22 @@ def target():
     return tiny_target()
 
 
+@pytest.fixture(scope="module")
+def prompts():
+    """Four prompts of mixed lengths (5, 9, 3, 12 tokens): one batch of 4 with padding."""
+    from tiny_models import random_prompts
+
+    return random_prompts([5, 9, 3, 12], seed=3)
+
+
+@pytest.fixture(scope="module")
+def reference(target, prompts):
+    """``target``'s plain greedy completions of ``prompts``: no eos, 24 tokens."""
+    from padrec_vllm.decoding import generate
+
+    return [r.tokens for r in generate(target, prompts, max_new_tokens=24, eos_id=None, batch_size=4)]
+
+
 @pytest.fixture(scope="session")
 def synth_data_dir(tmp_path_factory) -> Path:
     return write_synthetic(tmp_path_factory.mktemp("data"))

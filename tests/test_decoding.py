@@ -8,25 +8,13 @@ import pytest
 import torch
 
 from padrec_vllm.decoding import aggregate, generate, identical_output_rate
-from tiny_models import LAYOUT, random_prompts, tiny_head, tiny_target
+from drafters import TableDrafter
+from tiny_models import LAYOUT, tiny_head, tiny_target
 
 K = 3
-LENGTHS = [5, 9, 3, 12]  # mixed prompt lengths, batch of 4
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    return random_prompts(LENGTHS, seed=3)
-
-
-@pytest.fixture(scope="module")
-def reference(target, prompts):
-    """Plain greedy completions, no eos, 24 tokens."""
-    results = generate(target, prompts, max_new_tokens=24, eos_id=None, batch_size=4)
-    return [r.tokens for r in results]
 
 
 @pytest.fixture(scope="module")
@@ -34,56 +22,6 @@ def eos(reference):
     """A token that first appears mid-way in request 0's greedy output: it ends request 0 there."""
     row = reference[0]
     return next(tok for i, tok in enumerate(row) if i >= 5 and tok not in row[:i])
-
-
-class HistoryCache:
-    """Per row and position p, the token x_{p+1} the drafter was fed (position-addressed)."""
-
-    def __init__(self, batch_size: int, capacity: int) -> None:
-        self.tokens = torch.full((batch_size, capacity), -1, dtype=torch.long)  # [B, S]
-
-    def select(self, rows: torch.Tensor) -> None:
-        self.tokens = self.tokens[rows]
-
-
-class TableDrafter:
-    """Drafts from known greedy outputs: history x_1..x_{p+1} -> x_{p+2}.
-
-    mode "oracle" proposes the target's own token, "wrong" never does, "noisy" is wrong whenever
-    the history's token sum is a multiple of 3 (so rows accept different, partial counts), and
-    "hedged" is "noisy" with a confidence that tells: its logits give the right tokens probability
-    ~1 and the wrong ones ~1/V. Its "features" are the logits; ``logits`` passes them through.
-    """
-
-    def __init__(self, prompts, completions, mode: str) -> None:
-        self.next: dict[tuple[int, ...], int] = {}
-        for p, c in zip(prompts, completions):
-            seq = p + c
-            for i in range(2, len(seq)):
-                self.next[tuple(seq[1:i])] = seq[i]
-        self.mode, self.num_steps, self.steps = mode, K, []
-
-    def new_cache(self, batch_size: int, capacity: int) -> HistoryCache:
-        return HistoryCache(batch_size, capacity)
-
-    def __call__(self, input_ids, features, position_ids, *, step, embed, cache):
-        self.steps.append(step)
-        b, t = input_ids.shape
-        cache.tokens[torch.arange(b)[:, None], position_ids] = input_ids
-        out = torch.zeros(b, t, LAYOUT.vocab_size)
-        for r in range(b):
-            for i in range(t):
-                history = tuple(cache.tokens[r, : int(position_ids[r, i]) + 1].tolist())
-                tok, score = self.next.get(history, 0), 1.0
-                if self.mode == "wrong" or (self.mode in ("noisy", "hedged") and sum(history) % 3 == 0):
-                    tok = (tok + 1) % LAYOUT.vocab_size
-                elif self.mode == "hedged":
-                    score = 50.0
-                out[r, i, tok] = score
-        return out
-
-    def logits(self, hidden, lm_head):
-        return hidden
 
 
 class StepSpy:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import random_prompts, tiny_head
 from torch import nn
 
 from padrec_vllm.decoding import TreeSpec, generate, identical_output_rate
 from padrec_vllm.model.int8_linear import Int8Linear, quantize_head
+from tiny_models import tiny_head
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,8 +44,7 @@ def test_quantized_head_tracks_the_float_head(target, kind):
 
 @pytest.mark.parametrize("batch_size", [1, 4])
 @pytest.mark.parametrize("tree", [None, TreeSpec(6, 2, 0.01)])
-def test_int8_drafting_is_lossless(target, batch_size, tree):
-    prompts = random_prompts([5, 9, 3, 12], seed=3)
+def test_int8_drafting_is_lossless(target, prompts, batch_size, tree):
     q = quantize_head(tiny_head(target, "padrec", num_steps=3), target)
     plain = generate(target, prompts, max_new_tokens=20, eos_id=None, batch_size=batch_size)
     spec = generate(target, prompts, max_new_tokens=20, eos_id=None, batch_size=batch_size, head=q, tree=tree)

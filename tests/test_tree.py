@@ -6,86 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import LAYOUT, random_prompts, tiny_head
 
 from padrec_vllm.decoding import aggregate, generate, identical_output_rate
 from padrec_vllm.decoding.tree import DraftTree, TreeSpec, accept_tree, path_indices
 from padrec_vllm.model.heads import TreeAttention
+from drafters import TableDrafter
+from tiny_models import LAYOUT, tiny_head
 
 K = 3
-LENGTHS = [5, 9, 3, 12]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    return random_prompts(LENGTHS, seed=3)
-
-
-@pytest.fixture(scope="module")
-def reference(target, prompts):
-    """Plain greedy completions, no eos, 24 tokens."""
-    return [r.tokens for r in generate(target, prompts, max_new_tokens=24, eos_id=None, batch_size=4)]
-
-
-class _Cache:
-    """Per row and position p, the token x_{p+1} the drafter was fed (position-addressed)."""
-
-    def __init__(self, batch_size: int, capacity: int) -> None:
-        self.tokens = torch.full((batch_size, capacity), -1, dtype=torch.long)  # [B, S]
-
-    def select(self, rows: torch.Tensor) -> None:
-        self.tokens = self.tokens[rows]
-
-    def scratch(self, size: int):
-        b = self.tokens.shape[0]
-        return torch.full((b, size), -1, dtype=torch.long), torch.zeros(b, size)
-
-
-class TreeTableDrafter:
-    """Drafts from known greedy outputs (history x_1..x_{p+1} -> x_{p+2}), in chains and trees.
-
-    mode "noisy": the right token is the first choice unless the history's token sum is a multiple
-    of 3 (then it is second). mode "runner-up": the right token is always the second choice. In a
-    tree call the history is the verified prefix plus the node's ancestors, read back from the
-    scratch (this fake keeps token ids where a head keeps keys). Features are the logits.
-    """
-
-    def __init__(self, prompts, completions, mode: str) -> None:
-        self.next: dict[tuple[int, ...], int] = {}
-        for p, c in zip(prompts, completions):
-            seq = p + c
-            for i in range(2, len(seq)):
-                self.next[tuple(seq[1:i])] = seq[i]
-        self.mode, self.num_steps, self.steps = mode, K, []
-
-    def new_cache(self, batch_size: int, capacity: int) -> _Cache:
-        return _Cache(batch_size, capacity)
-
-    def __call__(self, input_ids, features, position_ids, *, step, embed, cache, tree=None):
-        self.steps.append(step)
-        b, t = input_ids.shape
-        if tree is None:
-            cache.tokens[torch.arange(b)[:, None], position_ids] = input_ids
-        else:
-            tree.keys[:, tree.slots] = input_ids
-        out = torch.zeros(b, t, LAYOUT.vocab_size)
-        for r in range(b):
-            for i in range(t):
-                if tree is None:
-                    history = cache.tokens[r, : int(position_ids[r, i]) + 1].tolist()
-                else:
-                    history = (cache.tokens[r, : int(tree.prefix_end[r])].tolist()
-                               + tree.keys[r][tree.visible[r, i]].tolist())
-                right = self.next.get(tuple(history), 0)
-                second = self.mode == "runner-up" or sum(history) % 3 == 0
-                out[r, i, (right + 1) % LAYOUT.vocab_size] = 10.0 if second else 0.0
-                out[r, i, right] = 9.0 if second else 10.0
-        return out
-
-    def logits(self, hidden, lm_head):
-        return hidden
 
 
 @pytest.mark.parametrize("kind", ["eagle", "padrec"])
@@ -107,8 +37,8 @@ def test_top1_tree_is_the_chain(target, prompts, reference, batch_size):
     """A tree of one child per node is a chain: same tokens, rounds and acceptance counts."""
     kwargs = {"max_new_tokens": 20, "eos_id": None, "batch_size": batch_size,
               "slot_of_token": LAYOUT.slot_table()}
-    chain = generate(target, prompts, head=TreeTableDrafter(prompts, reference, "noisy"), **kwargs)
-    tree = generate(target, prompts, head=TreeTableDrafter(prompts, reference, "noisy"),
+    chain = generate(target, prompts, head=TableDrafter(prompts, reference, "noisy"), **kwargs)
+    tree = generate(target, prompts, head=TableDrafter(prompts, reference, "noisy"),
                     tree=TreeSpec(K, 1), **kwargs)
     assert [r.tokens for r in chain] == [c[:20] for c in reference]
     assert 1.0 < aggregate(chain).tau < K + 1  # partial acceptance
@@ -125,8 +55,8 @@ def test_tree_accepts_the_second_choices(target, prompts, reference):
     rounds = 4
     max_new = 1 + rounds * 3
     kwargs = {"max_new_tokens": max_new, "eos_id": None, "batch_size": 4}
-    chain = generate(target, prompts, head=TreeTableDrafter(prompts, reference, "runner-up"), **kwargs)
-    drafter = TreeTableDrafter(prompts, reference, "runner-up")
+    chain = generate(target, prompts, head=TableDrafter(prompts, reference, "runner-up"), **kwargs)
+    drafter = TableDrafter(prompts, reference, "runner-up")
     tree = generate(target, prompts, head=drafter, tree=TreeSpec(30, 2), **kwargs)
     assert [r.tokens for r in tree] == [r.tokens for r in chain] == [c[:max_new] for c in reference]
     assert aggregate(chain).tau == 1.0
@@ -142,7 +72,7 @@ def test_min_prob_trims_the_doubtful_branches(target, prompts, reference):
     path to depth 2."""
     kwargs = {"max_new_tokens": 13, "eos_id": None, "batch_size": 4}
     for floor, tau in ((0.5, 1.0), (0.05, 3.0)):
-        tree = generate(target, prompts, head=TreeTableDrafter(prompts, reference, "runner-up"),
+        tree = generate(target, prompts, head=TableDrafter(prompts, reference, "runner-up"),
                         tree=TreeSpec(30, 2, min_prob=floor), **kwargs)
         assert [r.tokens for r in tree] == [c[:13] for c in reference]
         assert all(r.tau == tau for r in tree)
