@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from padrec_vllm.decoding import aggregate, generate, identical_output_rate
+from padrec_vllm.decoding import TreeSpec, aggregate, generate, identical_output_rate
 from drafters import TableDrafter
 from tiny_models import LAYOUT, tiny_head, tiny_target
 
@@ -214,3 +214,6 @@ def test_cuda_engine_is_lossless_and_matches_cpu(target, prompts, reference):
         head = tiny_head(gpu, kind, num_steps=K).to("cuda")
         spec = generate(gpu, prompts, max_new_tokens=24, eos_id=None, batch_size=4, head=head)
         assert [r.tokens for r in spec] == reference
+        tree = generate(gpu, prompts, max_new_tokens=24, eos_id=None, batch_size=4, head=head,
+                        tree=TreeSpec(6, 2))
+        assert [r.tokens for r in tree] == reference
