@@ -1,10 +1,10 @@
 """Linear layers for CPU decoding, where a forward sees only a few rows (tokens x batch).
 
-On CPU, ``F.linear`` on a handful of rows goes through a GEMM that packs the weight first, so a
-speculative verify over K+1 = 5 tokens cost about 1.4x a one-token step on our 2-core machines,
-although both read the same weights once (memory-bound). Multiplying the other way round,
-``W @ x^T``, streams the weight as it lies: 5 rows then cost about the same as 1 (figures in
-docs/RESULTS.md, bench preset section). Same math, so outputs match ``F.linear`` up to float rounding.
+On CPU, ``F.linear`` on a handful of rows goes through a GEMM that packs the weight first.
+Multiplying the other way round, ``W @ x^T``, streams the weight as it lies and is the faster of
+the two for 2..16 rows on our 2-core machines (cold cache, bench-preset shapes). Same math, so
+outputs match ``F.linear`` up to float rounding. A bench-preset target forward over 5 new tokens
+now costs 1.38x one over a single token (``scripts/draft_costs.py``, docs/RESULTS.md).
 
 A single row is the worst case: every formulation of a one-row product (``F.linear``, ``mv``,
 ``W @ x^T``) ran at about half the speed of a two-row ``W @ x^T`` on our 2-core machines, cold
