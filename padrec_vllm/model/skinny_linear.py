@@ -1,8 +1,9 @@
 """Linear layers for CPU decoding, where a forward sees only a few rows (tokens x batch).
 
 On CPU, ``F.linear`` on a handful of rows goes through a GEMM that packs the weight first.
-Multiplying the other way round, ``W @ x^T``, streams the weight as it lies and is the faster of
-the two for 2..16 rows on our 2-core machines (cold cache, bench-preset shapes). Same math, so
+Multiplying the other way round, ``W @ x^T``, streams the weight as it lies and was the faster of
+the two for 2..9 rows on our 2-core machines (cold cache, bench-preset shapes; at 12 rows
+``F.linear`` won, at 16 ``W @ x^T``: one interactive measurement). Same math, so
 outputs match ``F.linear`` up to float rounding. A bench-preset target forward over 5 new tokens
 now costs 1.38x one over a single token (``scripts/draft_costs.py``, docs/RESULTS.md).
 
