@@ -49,8 +49,11 @@ class EngineConfig:
     vllm_kv_cache_bytes: int | None = None  # None: vLLM's default (VLLM_CPU_KVCACHE_SPACE on CPU)
     vllm_args: dict = field(default_factory=dict)  # extra AsyncEngineArgs fields
     draft_int8: bool = False  # reference engine, CPU, float32: int8 copy of the head drafts
+    spec_max_batch: int | None = None  # reference engine; see ``speculation_row_limit``
 
     def __post_init__(self) -> None:
+        if self.spec_max_batch is not None and self.spec_max_batch < 1:
+            raise ValueError(f"spec_max_batch must be at least 1, got {self.spec_max_batch}")
         if self.head is not None and self.head not in HEADS:
             raise ValueError(f"unknown head {self.head!r}; choose from {', '.join(HEADS)}")
         if self.draft_int8 and (self.device != "cpu" or self.dtype != "float32"):
@@ -63,6 +66,19 @@ class EngineConfig:
     @property
     def head_dir(self) -> Path | None:
         return self.paths.head(self.head) if self.head else None
+
+    def speculation_row_limit(self) -> int | None:
+        """Most rows a reference-engine batch may have and still speculate; None = any number.
+
+        A larger batch is decoded plainly (same tokens, no drafts). ``spec_max_batch`` when set;
+        otherwise 1 on CPU, where plain decoding gets extra rows almost free while a verify of
+        B rows x (K+1) tokens does not (docs/RESULTS.md, "Batch size": bench preset 1.20x at one
+        row, 0.92x at 2, 0.80x at 8; demo preset 1.35x, 1.10x, 0.89x at 4), and no limit on other
+        devices (not measured there).
+        """
+        if self.spec_max_batch is not None:
+            return self.spec_max_batch
+        return 1 if self.device == "cpu" else None
 
     def draft_tokens(self) -> int:
         """K in use: the setting, else the head checkpoint's ``padrec_num_steps``; 0 if no head."""
@@ -91,6 +107,7 @@ class Generation:
     accept_by_pos: tuple[tuple[int, int], ...] = ()
     accept_by_slot: dict[int, tuple[int, int]] = field(default_factory=dict)
     acceptance_histogram: tuple[int, ...] = ()
+    speculative: bool = False  # decoded with the draft head (False: plain greedy decoding)
 
     @property
     def draft_tokens(self) -> int:
@@ -121,6 +138,7 @@ class Calibration:
     speculative_s_per_token: float
     identical_rate: float  # requests whose tokens are identical in both runs
     tau: float
+    batch_rows: int  # most requests decoded together in either run
 
     @property
     def speedup(self) -> float:
@@ -128,7 +146,11 @@ class Calibration:
 
 
 def calibration_of(
-    plain: list[Generation], spec: list[Generation], plain_s: float, spec_s: float
+    plain: list[Generation],
+    spec: list[Generation],
+    plain_s: float,
+    spec_s: float,
+    batch_rows: int,
 ) -> Calibration:
     def per_token(gens: list[Generation]) -> float:
         rates = [g.decode_s / g.decode_tokens for g in gens if g.decode_tokens]
@@ -143,6 +165,7 @@ def calibration_of(
         speculative_s_per_token=per_token(spec),
         identical_rate=sum(a.tokens == b.tokens for a, b in zip(plain, spec)) / max(len(plain), 1),
         tau=sum(g.decode_tokens for g in spec) / forwards if forwards else 0.0,
+        batch_rows=batch_rows,
     )
 
 
@@ -191,6 +214,7 @@ def generation_from_rounds(
         accept_by_pos=tuple((a, p) for a, p in by_pos),
         accept_by_slot={s: (a, p) for s, (a, p) in sorted(by_slot.items())},
         acceptance_histogram=tuple(hist) if num_drafts else (),
+        speculative=num_drafts > 0,
     )
 
 
@@ -242,6 +266,10 @@ class ReferenceEngine:
     A single worker task takes every pending request with the same budget as the oldest one (up
     to ``max_batch_size``) and decodes them as one batch in a worker thread; the batch's prefill
     and decode times are split evenly among its rows (as ``decoding.generate`` reports them).
+    A batch of more rows than ``config.speculation_row_limit()`` is decoded without the head
+    (its requests report ``speculative=False``); the tokens are the same either way.
+    Calibration decodes its prompts in batches of that many rows, plain and speculative alike,
+    so the figure is what a speculated request gains.
     """
 
     name = "reference"
@@ -272,15 +300,19 @@ class ReferenceEngine:
         self._worker = asyncio.create_task(self._run(), name="padrec-reference-engine")
         if not warmup_prompts:
             return None
-        await asyncio.to_thread(self._decode, warmup_prompts[:2], max_new_tokens, self._head)
+        limit = self.config.speculation_row_limit()
+        rows = self.config.max_batch_size if limit is None else min(limit, self.config.max_batch_size)
+        await asyncio.to_thread(self._decode, warmup_prompts[:2], max_new_tokens, self._head, rows)
         if self._head is None or not calibrate:
             return None
         t0 = time.perf_counter()
-        plain = await asyncio.to_thread(self._decode, warmup_prompts, max_new_tokens, None)
+        plain = await asyncio.to_thread(self._decode, warmup_prompts, max_new_tokens, None, rows)
         t1 = time.perf_counter()
-        spec = await asyncio.to_thread(self._decode, warmup_prompts, max_new_tokens, self._head)
+        spec = await asyncio.to_thread(
+            self._decode, warmup_prompts, max_new_tokens, self._head, rows
+        )
         t2 = time.perf_counter()
-        return calibration_of(plain, spec, t1 - t0, t2 - t1)
+        return calibration_of(plain, spec, t1 - t0, t2 - t1, min(rows, len(warmup_prompts)))
 
     def _load(self) -> None:
         from padrec_vllm.model.head_checkpoint import load_head
@@ -306,7 +338,10 @@ class ReferenceEngine:
                 f"reference engine failed to load {self.config.artifacts}: {exc}"
             ) from exc
 
-    def _decode(self, prompts: list[list[int]], max_new_tokens: int, head) -> list[Generation]:
+    def _decode(
+        self, prompts: list[list[int]], max_new_tokens: int, head, rows: int | None = None
+    ) -> list[Generation]:
+        """Greedy completions of ``prompts`` in batches of ``rows`` (default ``max_batch_size``)."""
         from padrec_vllm.decoding import generate
 
         results = generate(
@@ -314,7 +349,7 @@ class ReferenceEngine:
             prompts,
             max_new_tokens=max_new_tokens,
             eos_id=EOS_ID,
-            batch_size=self.config.max_batch_size,
+            batch_size=rows or self.config.max_batch_size,
             head=head,
             num_draft_tokens=self._k if head is not None else None,
             slot_of_token=self._slots,
@@ -346,10 +381,10 @@ class ReferenceEngine:
             if not batch:
                 continue
             started = time.perf_counter()
+            limit = self.config.speculation_row_limit()
+            head = self._head if limit is None or len(batch) <= limit else None
             try:
-                gens = await asyncio.to_thread(
-                    self._decode, [p.prompt for p in batch], budget, self._head
-                )
+                gens = await asyncio.to_thread(self._decode, [p.prompt for p in batch], budget, head)
             except Exception as exc:  # noqa: BLE001 - handed to every waiting request
                 for p in batch:
                     if not p.future.done():
@@ -395,4 +430,5 @@ def _generation_of(result, num_drafts: int) -> Generation:
         accept_by_pos=tuple(tuple(x) for x in result.accept_by_pos),
         accept_by_slot=dict(result.accept_by_slot),
         acceptance_histogram=hist,
+        speculative=num_drafts > 0,
     )

@@ -153,6 +153,7 @@ class ServerState:
                 engine=engine_s * 1e3,
             )
             spec = SpecInfo(
+                speculative=gen.speculative,
                 draft_tokens=gen.draft_tokens,
                 accepted_tokens=gen.accepted_tokens,
                 tau=gen.tau,
@@ -162,6 +163,7 @@ class ServerState:
         else:
             latency = Latency(total=0.0, queue=0.0, prefill=0.0, decode=0.0, engine=0.0)
             spec = SpecInfo(
+                speculative=False,
                 draft_tokens=0,
                 accepted_tokens=0,
                 tau=0.0,
@@ -393,6 +395,7 @@ def _readiness(state: ServerState) -> Readiness:
             "speculative_s": c.speculative_s,
             "identical_rate": c.identical_rate,
             "tau": c.tau,
+            "batch_rows": c.batch_rows,
         }
     return Readiness(
         ready=state.status == "ready",

@@ -19,6 +19,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         vllm_kv_cache_bytes=int(kv * (1 << 30)) if kv is not None else None,
         vllm_args=dict(settings.vllm_args),
         draft_int8=settings.draft_int8,
+        spec_max_batch=settings.spec_max_batch,
     )
 
 

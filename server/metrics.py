@@ -38,6 +38,13 @@ class ServerMetrics:
         self.target_forwards = Counter(
             "padrec_target_forwards", "target forwards after prefill (verify rounds)", registry=r
         )
+        self.decoded = Counter(
+            "padrec_decoded_requests",
+            "requests the engine decoded, by mode: speculative, or plain (no head, or a reference "
+            "batch over PADREC_SPEC_MAX_BATCH rows)",
+            ["mode"],
+            registry=r,
+        )
         self.draft_tokens = Counter("padrec_draft_tokens", "draft tokens proposed", registry=r)
         self.accepted_tokens = Counter(
             "padrec_accepted_tokens", "draft tokens accepted", registry=r
@@ -135,7 +142,8 @@ class ServerMetrics:
         self._forwards += g.target_forwards
         if self._forwards:
             self.tau.set(self._tokens / self._forwards)
-        if not g.accept_by_pos:
+        self.decoded.labels("speculative" if g.speculative else "plain").inc()
+        if not g.speculative:
             return
         self.draft_tokens.inc(g.draft_tokens)
         self.accepted_tokens.inc(g.accepted_tokens)

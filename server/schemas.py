@@ -73,6 +73,10 @@ class Latency(BaseModel):
 
 
 class SpecInfo(BaseModel):
+    speculative: bool = Field(
+        description="decoded with the draft head; false without a head, and on the reference "
+        "engine for a batch of more rows than PADREC_SPEC_MAX_BATCH"
+    )
     draft_tokens: int = Field(description="drafts proposed")
     accepted_tokens: int = Field(description="drafts accepted by the target")
     tau: float = Field(description="tokens per target forward while decoding (1.0 without drafts)")

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
         False, description="reference engine on CPU, float32: draft with an int8 copy of the head "
         "(faster draft steps; the target verifies in float32, so lists are unchanged)"
     )
+    spec_max_batch: int | None = Field(
+        None, ge=1, description="reference engine: most rows a batch may have and still "
+        "speculate (larger batches decode plainly, same lists); default 1 on CPU, any on GPU"
+    )
     vllm_enforce_eager: bool = False
     vllm_kv_cache_gib: float | None = Field(None, gt=0, description="vLLM KV cache size")
     vllm_args: dict = Field(default_factory=dict, description="extra vLLM AsyncEngineArgs (JSON)")
@@ -57,4 +61,12 @@ class Settings(BaseSettings):
     def _int8_drafting_is_reference_cpu(self) -> Settings:
         if self.draft_int8 and (self.engine != "reference" or self.device != "cpu" or self.dtype != "float32"):
             raise ValueError("draft_int8 needs engine=reference, device=cpu and dtype=float32")
+        return self
+
+    @model_validator(mode="after")
+    def _spec_max_batch_is_reference(self) -> Settings:
+        if self.spec_max_batch is not None and self.engine != "reference":
+            raise ValueError(
+                "spec_max_batch needs engine=reference (vLLM has no per-batch speculation switch)"
+            )
         return self

@@ -131,6 +131,7 @@ def test_health_and_readiness(client):
     assert ready["fallback"] == "most popular (popularity.json)"  # written by padrec build
     calib = ready["calibration"]
     assert calib["requests"] == 8 and calib["identical_rate"] == 1.0 and calib["speedup"] > 0
+    assert calib["batch_rows"] == 1  # CPU: speculation is calibrated one row at a time
 
 
 @pytest.mark.parametrize("k", [1, 4, 10, 50])
@@ -306,6 +307,7 @@ def test_metrics(client):
         "padrec_generated_tokens_total",
         "padrec_draft_tokens_total",
         "padrec_accepted_tokens_total",
+        'padrec_decoded_requests_total{mode="speculative"}',
         "padrec_target_forwards_total",
         "padrec_acceptance_length_bucket",
         'padrec_drafted_by_position_total{position="3"}',
@@ -552,3 +554,42 @@ def test_int8_drafting_serves_the_greedy_lists(tiny_artifacts, catalog):
     for bad in ({"engine": "vllm"}, {"device": "cuda"}, {"dtype": "bfloat16"}):
         with pytest.raises(Exception, match="draft_int8 needs engine=reference"):
             Settings(artifacts=tiny_artifacts, **{"engine": "reference", **bad}, draft_int8=True)
+
+
+def test_batches_over_spec_max_batch_decode_plainly(tiny_artifacts, catalog):
+    """PADREC_SPEC_MAX_BATCH: a reference batch of more rows decodes without the head.
+
+    Default on CPU is 1: four requests arriving together are decoded as one plain batch; alone,
+    each is speculated. The lists are plain greedy decoding in every case.
+    """
+    from server.engines import build_engine
+
+    prompts = [catalog.prompt_ids(h, 5) for h in ([1, 2, 3], [4, 5], [6, 7, 8, 9], [2, 9])]
+
+    async def run(**kw):
+        engine = build_engine(Settings(artifacts=tiny_artifacts, engine="reference", **kw))
+        calib = await engine.start(prompts, 20, calibrate=True)
+        try:
+            together = await asyncio.gather(*(engine.generate(p, 20) for p in prompts))
+            alone = [await engine.generate(p, 20) for p in prompts]
+        finally:
+            await engine.close()
+        return calib, together, alone
+
+    calib, together, alone = asyncio.run(run())
+    plain = [g.tokens for g in asyncio.run(run(speculative=False))[1]]
+    assert calib.batch_rows == 1 and calib.identical_rate == 1.0
+    assert [g.tokens for g in together] == [g.tokens for g in alone] == plain
+    assert not any(g.speculative or g.draft_tokens for g in together)
+    assert all(g.target_forwards == g.decode_tokens for g in together)  # one token per forward
+    assert all(g.speculative and g.draft_tokens > 0 for g in alone)
+
+    calib, together, _ = asyncio.run(run(spec_max_batch=4))
+    assert calib.batch_rows == 4 and calib.identical_rate == 1.0
+    assert [g.tokens for g in together] == plain
+    assert all(g.speculative and g.draft_tokens > 0 for g in together)
+
+    with pytest.raises(Exception, match="spec_max_batch needs engine=reference"):
+        Settings(artifacts=tiny_artifacts, engine="vllm", spec_max_batch=2)
+    with pytest.raises(Exception, match="spec_max_batch"):
+        Settings(artifacts=tiny_artifacts, engine="reference", spec_max_batch=0)

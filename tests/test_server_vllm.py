@@ -59,6 +59,7 @@ def test_ready_with_a_lossless_calibration(client):
     )
     calib = ready["calibration"]
     assert calib["requests"] == 4 and calib["identical_rate"] == 1.0
+    assert calib["batch_rows"] == 4  # vLLM gets every calibration prompt at once
     assert calib["speedup"] > 0 and calib["tau"] >= 1.0
     assert client.get("/healthz").json() == {"status": "ok"}
 
@@ -70,6 +71,7 @@ def test_recommend(client, catalog, k):
     check_answer(body, catalog, history, k)
     assert body["engine"] == "vllm" and body["head"] == "padrec"
     spec = body["spec"]
+    assert spec["speculative"] is True
     assert 0 < spec["draft_tokens"] <= 3 * spec["target_forwards"] and spec["tau"] >= 1.0
     assert len(spec["acceptance_by_position"]) == 3
 

@@ -80,7 +80,8 @@ class VllmEngine:
             return None
         t0 = time.perf_counter()
         spec = await self._run(self._engine, warmup_prompts, max_new_tokens, self._k)
-        return calibration_of(plain, spec, plain_s, time.perf_counter() - t0)
+        rows = min(len(warmup_prompts), self.config.max_batch_size)  # all in flight at once
+        return calibration_of(plain, spec, plain_s, time.perf_counter() - t0, rows)
 
     def _build(self, speculative: bool):
         from vllm import AsyncEngineArgs
