@@ -107,7 +107,11 @@ class Generation:
     accept_by_pos: tuple[tuple[int, int], ...] = ()
     accept_by_slot: dict[int, tuple[int, int]] = field(default_factory=dict)
     acceptance_histogram: tuple[int, ...] = ()
-    speculative: bool = False  # decoded with the draft head (False: plain greedy decoding)
+
+    @property
+    def speculative(self) -> bool:
+        """Decoded with the draft head: both engines report K draft positions then, none without."""
+        return bool(self.accept_by_pos)
 
     @property
     def draft_tokens(self) -> int:
@@ -214,7 +218,6 @@ def generation_from_rounds(
         accept_by_pos=tuple((a, p) for a, p in by_pos),
         accept_by_slot={s: (a, p) for s, (a, p) in sorted(by_slot.items())},
         acceptance_histogram=tuple(hist) if num_drafts else (),
-        speculative=num_drafts > 0,
     )
 
 
@@ -283,6 +286,9 @@ class ReferenceEngine:
         self._pending: deque[_Pending] = deque()
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+        limit = config.speculation_row_limit()
+        # rows of a batch that still speculates; calibration decodes in batches of this size
+        self._spec_rows = min(limit or config.max_batch_size, config.max_batch_size)
 
     @property
     def num_draft_tokens(self) -> int:
@@ -300,8 +306,7 @@ class ReferenceEngine:
         self._worker = asyncio.create_task(self._run(), name="padrec-reference-engine")
         if not warmup_prompts:
             return None
-        limit = self.config.speculation_row_limit()
-        rows = self.config.max_batch_size if limit is None else min(limit, self.config.max_batch_size)
+        rows = self._spec_rows
         await asyncio.to_thread(self._decode, warmup_prompts[:2], max_new_tokens, self._head, rows)
         if self._head is None or not calibrate:
             return None
@@ -381,10 +386,10 @@ class ReferenceEngine:
             if not batch:
                 continue
             started = time.perf_counter()
-            limit = self.config.speculation_row_limit()
-            head = self._head if limit is None or len(batch) <= limit else None
+            head = self._head if len(batch) <= self._spec_rows else None
             try:
-                gens = await asyncio.to_thread(self._decode, [p.prompt for p in batch], budget, head)
+                prompts = [p.prompt for p in batch]
+                gens = await asyncio.to_thread(self._decode, prompts, budget, head)
             except Exception as exc:  # noqa: BLE001 - handed to every waiting request
                 for p in batch:
                     if not p.future.done():
@@ -430,5 +435,4 @@ def _generation_of(result, num_drafts: int) -> Generation:
         accept_by_pos=tuple(tuple(x) for x in result.accept_by_pos),
         accept_by_slot=dict(result.accept_by_slot),
         acceptance_histogram=hist,
-        speculative=num_drafts > 0,
     )
