@@ -5,7 +5,7 @@ DATASET ?= Beauty
 PRESET ?= demo
 ARTIFACTS ?= artifacts/$(PRESET)-$(DATASET)
 
-.PHONY: setup run build test test-all loadtest clean
+.PHONY: setup run build lint test test-all loadtest clean
 
 setup: $(VENV)/.installed
 
@@ -30,10 +30,15 @@ run: build
 build: setup
 	$(VENV)/bin/padrec build --dataset $(DATASET) --preset $(PRESET) --out $(ARTIFACTS)
 
-test: setup
+# Architecture contracts ([tool.importlinter] in pyproject.toml) and the line-length rule.
+lint: setup
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check --select E501 .
+
+test: lint
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: setup
+test-all: lint
 	$(PY) -m pytest -q
 
 # Concurrency sweep, speculation on and off, on local servers over $(ARTIFACTS) (loadtests/run.py;

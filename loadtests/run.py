@@ -25,18 +25,19 @@ import argparse
 import contextlib
 import csv
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:  # a script: the checkout's benchmarks/ is not installed
+    sys.path.insert(0, str(HERE.parent))
+
+from benchmarks.local_server import local_server, wait_ready
+
 LOCUSTFILE = HERE / "locustfile.py"
 SERVER_COUNTERS = ("padrec_decode_tokens_total", "padrec_target_forwards_total",
                    "padrec_draft_tokens_total", "padrec_accepted_tokens_total",
@@ -180,59 +181,7 @@ def report_markdown(results: list[RunResult], title: str, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-# --- sweep --------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(host: str, timeout_s: float, proc: subprocess.Popen | None = None) -> dict:
-    """Poll ``/readyz`` until 200; RuntimeError when the server exits or the time runs out."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with status {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(host + "/readyz", timeout=5) as r:
-                return json.load(r)
-        except urllib.error.HTTPError as exc:
-            if exc.code != 503:
-                raise
-            body = json.loads(exc.read() or b"{}")
-            if body.get("status") == "failed":
-                raise RuntimeError(f"server engine failed: {body.get('error')}") from None
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"server at {host} not ready after {timeout_s:.0f} s")
-
-
-@contextlib.contextmanager
-def local_server(artifacts: Path, log_path: Path, *, env: dict[str, str] | None = None,
-                 ready_timeout_s: float = 900.0):
-    """``python -m server.main`` on a free loopback port; yields its base URL, stops it after."""
-    port = free_port()
-    full_env = {**os.environ, "PADREC_ARTIFACTS": str(artifacts), "PADREC_HOST": "127.0.0.1",
-                "PADREC_PORT": str(port), **(env or {})}
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "server.main"], env=full_env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    host = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(host, ready_timeout_s, proc)
-        yield host
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
+# --- sweep ----------------------------------------------------------------------------------
 
 def sweep_markdown(results: list[RunResult], command: str, note: str = "") -> str:
     """One row per concurrency: both modes side by side and the speedup under load."""
@@ -316,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--duration", type=parse_duration, default=30.0,
                        help="each run's length: 30s, 2m, ... (default 30s)")
         p.add_argument("--dataset", default=None,
-                       help="dataset of the histories (default: build.json of --artifacts, else Beauty)")
+                       help="dataset of the histories "
+                            "(default: build.json of --artifacts, else Beauty)")
         p.add_argument("--data-dir", default=None, help="datasets folder")
         p.add_argument("--k", type=int, default=10, help="items per recommendation")
         p.add_argument("--seed", type=int, default=0)
@@ -339,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="engine of the local servers (default vllm)")
     sw.add_argument("--env", type=_env, action="append", default=[], metavar="KEY=VALUE",
                     help="extra environment of the local servers, e.g. PADREC_VLLM_KV_CACHE_GIB=1")
-    sw.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for /readyz")
+    sw.add_argument("--ready-timeout", type=float, default=900.0,
+                    help="seconds to wait for /readyz")
     sw.add_argument("--spec-host", default=None, help="running server with speculation on")
     sw.add_argument("--plain-host", default=None, help="running server with speculation off")
     sw.add_argument("--note", default="", help="a line printed above the table (hardware, preset)")
@@ -355,8 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sweep" and not artifacts and not (args.spec_host and args.plain_host):
         parser.error("sweep needs --artifacts, or both --spec-host and --plain-host")
     if args.dataset is None:
-        info = artifacts / "build.json" if artifacts else None
-        args.dataset = json.loads(info.read_text())["dataset"] if info and info.is_file() else "Beauty"
+        from padrec_vllm.artifacts import ArtifactPaths
+
+        paths = ArtifactPaths(artifacts) if artifacts else None
+        built = paths is not None and paths.build_info.is_file()
+        args.dataset = paths.read_build_info()["dataset"] if built else "Beauty"
     args.out.mkdir(parents=True, exist_ok=True)
 
     if args.command == "run":

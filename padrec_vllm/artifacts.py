@@ -25,6 +25,7 @@ from padrec_vllm.errors import UserError
 BUILD_FILE = "build.json"
 EVAL_FILE = "eval.json"
 POPULARITY_FILE = "popularity.json"
+CONFIG_FILE = "config.json"  # of the target and of every head (Hugging Face layout)
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,30 @@ class ArtifactPaths:
     def tokenizer(self) -> Path:
         return self.root / "tokenizer"
 
-    def head(self, kind: str) -> Path:
-        return self.root / "heads" / kind
+    @property
+    def target_config_file(self) -> Path:
+        return self.target / CONFIG_FILE
+
+    def target_config(self) -> dict:
+        """The target's ``config.json``; UserError when it is missing or corrupt."""
+        return _read_json(
+            self.target_config_file, f"no target model in {self.target} (run `padrec build`)"
+        )
+
+    def head(self, name: str) -> Path:
+        """Folder of the draft head ``name`` (a head kind or an ablation variant)."""
+        return self.root / "heads" / name
+
+    def has_head(self, name: str) -> bool:
+        """A trained head ``name`` is there (its ``config.json`` exists)."""
+        return (self.head(name) / CONFIG_FILE).is_file()
+
+    def head_config(self, name: str) -> dict:
+        """The ``config.json`` of head ``name``; UserError when it is missing or corrupt."""
+        return _read_json(
+            self.head(name) / CONFIG_FILE,
+            f"no {name} head in {self.head(name)} (train it with `padrec train-heads`)",
+        )
 
     @property
     def popularity(self) -> Path:
@@ -55,13 +78,22 @@ class ArtifactPaths:
         return self.root / EVAL_FILE
 
     def read_build_info(self) -> dict:
-        if not self.build_info.is_file():
-            raise UserError(f"not an artifacts directory: {self.root} (missing {BUILD_FILE}; run `padrec build`)")
-        try:
-            return json.loads(self.build_info.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"corrupt {self.build_info}: {exc.msg}") from None
+        return _read_json(
+            self.build_info,
+            f"not an artifacts directory: {self.root} (missing {BUILD_FILE}; run `padrec build`)",
+        )
 
     def write_build_info(self, info: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.build_info.write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _read_json(path: Path, missing: str) -> dict:
+    """``path`` parsed; UserError ``missing`` when it is absent, a UserError naming the error
+    when it is not JSON."""
+    if not path.is_file():
+        raise UserError(missing)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"corrupt {path}: {exc.msg}") from None

@@ -1,4 +1,14 @@
-"""The ``padrec`` command line. User errors print one line (``padrec: error: ...``) and exit 2."""
+"""The ``padrec`` command line. User errors print one line (``padrec: error: ...``) and exit 2.
+
+The library's own commands are defined here. Commands from outside the library reach the CLI
+through one seam, the entry-point group ``padrec.commands`` (``COMMANDS_GROUP``): each entry point
+names a callable ``register(subparsers) -> handler`` that adds the subcommand named like the entry
+point to ``subparsers`` (an argparse sub-parsers action whose parsers give one-line errors) and
+returns ``handler(args: argparse.Namespace) -> None``, which raises ``UserError`` for a user's
+mistake. The server registers ``serve`` that way (``server/cli.py``, declared in pyproject.toml),
+so ``padrec_vllm`` never imports ``server``. ``register`` runs for every ``padrec`` call (even
+``--help``): it must import nothing heavy; its handler imports what the command needs.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +16,38 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from padrec_vllm.errors import UserError
 
 PROG = "padrec"
+COMMANDS_GROUP = "padrec.commands"
+DATA_DIR_HELP = "datasets folder (default: $PADREC_DATA_DIR or ../shared/data)"
+DATASETS_HELP = "Beauty, Sports_and_Outdoors, Toys_and_Games or Yelp"
+ARTIFACTS_HELP = "artifacts directory from `padrec build`"
+METHODS_HELP = (
+    "comma-separated: ar, ngram (vllm engine only) and head names under DIR/heads/; "
+    "HEAD@P (reference engine) ends each draft chain at the first draft the head "
+    "gives probability below P; HEAD:tN[kM][pQ] (reference engine) drafts a tree "
+    "of up to N nodes a round, top M children per node (default 4), nodes past the K best "
+    "only at path probability >= Q; HEAD+int8 (with any of these; reference engine, CPU) drafts "
+    "with an int8 copy of the head"
+)
+
+Handler = Callable[[argparse.Namespace], None]
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage dump)."""
 
-    def error(self, message: str):  # noqa: D401 - argparse API
+    def error(self, message: str):
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     try:
         value = int(text)
     except ValueError:
@@ -44,85 +71,118 @@ def _device(text: str) -> str:
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True, help="Beauty, Sports_and_Outdoors, Toys_and_Games or Yelp")
-    p.add_argument("--data-dir", default=None, help="datasets folder (default: $PADREC_DATA_DIR or ../shared/data)")
+    p.add_argument("--dataset", required=True, help=DATASETS_HELP)
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
 
 
 def _add_preset(p: argparse.ArgumentParser) -> None:
     from padrec_vllm.presets import PRESETS
 
-    p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="model size and budget")
+    p.add_argument("--preset", default="demo", choices=sorted(PRESETS),
+                   help="model size and budget")
+
+
+def _add_embedding(p: argparse.ArgumentParser) -> None:
+    from padrec_vllm.catalog.embed import METHODS
+
+    p.add_argument("--embedding", default="auto", choices=METHODS,
+                   help="item embedding for the SIDs (default: auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from padrec_vllm.catalog.embed import METHODS
+    """The parser; every (sub)command's parser carries its handler as the ``run`` default."""
+    from padrec_vllm.model.config import HEAD_KINDS, HEAD_VARIANTS
 
-    parser = _Parser(prog=PROG, description="PAD-Rec speculative decoding for generative recommendation")
+    parser = _Parser(prog=PROG,
+                     description="PAD-Rec speculative decoding for generative recommendation")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     data = sub.add_parser("data", help="dataset utilities")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
-    dl = data_sub.add_parser("download", help="fetch the public S3-Rec files and check their sha256")
-    dl.add_argument("dataset", help="Beauty, Sports_and_Outdoors, Toys_and_Games or Yelp")
-    dl.add_argument("--dest", default=None, help="target folder (default: --data-dir or $PADREC_DATA_DIR)")
+    dl = data_sub.add_parser("download",
+                             help="fetch the public S3-Rec files and check their sha256")
+    dl.add_argument("dataset", help=DATASETS_HELP)
+    dl.add_argument("--dest", default=None,
+                    help="target folder (default: --data-dir or $PADREC_DATA_DIR)")
     dl.add_argument("--base-url", default=None, help="where the files are served")
+    dl.set_defaults(run=_cmd_download)
 
     prep = sub.add_parser("prepare", help="build the semantic-ID catalog and tokenizer")
     _add_data_args(prep)
     _add_preset(prep)
     prep.add_argument("--out", required=True, help="artifacts directory")
-    prep.add_argument("--embedding", default="auto", choices=METHODS, help="item embedding for the SIDs (default: auto)")
+    _add_embedding(prep)
+    prep.set_defaults(run=_cmd_prepare)
 
-    build = sub.add_parser("build", help="prepare + train target + evaluate into one artifacts dir")
+    build = sub.add_parser("build",
+                           help="prepare + train target + evaluate into one artifacts dir")
     _add_data_args(build)
     _add_preset(build)
     build.add_argument("--out", required=True, help="artifacts directory")
-    build.add_argument("--embedding", default="auto", choices=METHODS, help="item embedding for the SIDs (default: auto)")
+    _add_embedding(build)
     build.add_argument("--device", default="cpu", type=_device, help="cpu or cuda[:N]")
-    build.add_argument("--train-budget-s", type=_positive_int, default=None,
-                       help="stop target training after this many seconds (default: run all steps)")
-    build.add_argument("--no-eval", action="store_true", help="skip the evaluation stage (run `padrec eval` later)")
+    build.add_argument("--train-budget-s", type=positive_int, default=None,
+                       help="stop target training after this many seconds "
+                            "(default: run all steps)")
+    build.add_argument("--no-eval", action="store_true",
+                       help="skip the evaluation stage (run `padrec eval` later)")
+    build.set_defaults(run=_cmd_build)
 
     ev = sub.add_parser("eval", help="evaluate the target of an artifacts dir on test users")
-    ev.add_argument("--artifacts", required=True, help="artifacts directory from `padrec build`")
-    ev.add_argument("--data-dir", default=None, help="datasets folder (default: $PADREC_DATA_DIR or ../shared/data)")
-    ev.add_argument("--users", type=_positive_int, default=None, help="number of test users (default: preset's)")
-    ev.add_argument("--batch-size", type=_positive_int, default=None, help="decoding batch (default: 64 on CPU, 512 on CUDA)")
+    ev.add_argument("--artifacts", required=True, help=ARTIFACTS_HELP)
+    ev.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
+    ev.add_argument("--users", type=positive_int, default=None,
+                    help="number of test users (default: preset's)")
+    ev.add_argument("--batch-size", type=positive_int, default=None,
+                    help="decoding batch (default: 64 on CPU, 512 on CUDA)")
     ev.add_argument("--device", default="cpu", type=_device, help="cpu or cuda[:N]")
     ev.add_argument("--json", default=None, help="write the result to this file")
+    ev.set_defaults(run=_cmd_eval)
 
-    th = sub.add_parser("train-heads", help="train draft heads (and ablations) for an artifacts dir")
-    th.add_argument("--artifacts", required=True, help="artifacts directory from `padrec build`")
-    th.add_argument("--data-dir", default=None, help="datasets folder (default: $PADREC_DATA_DIR or ../shared/data)")
-    th.add_argument("--heads", type=_csv, default=("eagle", "padrec"),
-                    help="comma-separated: eagle, padrec, padrec-no-item, padrec-no-step, padrec-no-gate")
+    th = sub.add_parser("train-heads",
+                        help="train draft heads (and ablations) for an artifacts dir")
+    th.add_argument("--artifacts", required=True, help=ARTIFACTS_HELP)
+    th.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
+    th.add_argument("--heads", type=_csv, default=HEAD_KINDS,
+                    help="comma-separated: " + ", ".join(HEAD_VARIANTS))
     th.add_argument("--device", default="cpu", type=_device, help="cpu or cuda[:N]")
+    th.set_defaults(run=_cmd_train_heads)
 
     bench = sub.add_parser("bench", help="plain vs speculative decoding, side by side")
-    bench.add_argument("--artifacts", required=True, help="artifacts directory from `padrec build`")
-    bench.add_argument("--data-dir", default=None, help="datasets folder (default: $PADREC_DATA_DIR or ../shared/data)")
+    bench.add_argument("--artifacts", required=True, help=ARTIFACTS_HELP)
+    bench.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     bench.add_argument("--engine", default="reference", choices=["reference", "vllm"],
                        help="plain PyTorch decoder or vLLM (default: reference)")
     bench.add_argument("--methods", type=_csv, default=("ar", "eagle", "padrec"),
-                       help="comma-separated: ar, ngram (vllm engine only) and head names under DIR/heads/; "
-                            "HEAD@P (reference engine) ends each draft chain at the first draft the head "
-                            "gives probability below P; HEAD:tN[kM][pQ] (reference engine) drafts a tree "
-                            "of up to N nodes a round, top M children per node (default 4), nodes past the K best "
-                            "only at path probability >= Q; HEAD+int8 (with any of these; reference engine, CPU) drafts "
-                            "with an int8 copy of the head")
-    bench.add_argument("--users", type=_positive_int, default=200, help="test users, sampled with the preset's seed (default: 200)")
-    bench.add_argument("--batch-size", type=_positive_int, default=1, help="requests per batch (default: 1)")
-    bench.add_argument("--k", type=_positive_int, default=None, help="draft tokens per round (default: preset's)")
-    bench.add_argument("--device", default="cpu", type=_device, help="cpu or cuda[:N] (reference engine)")
+                       help=METHODS_HELP)
+    bench.add_argument("--users", type=positive_int, default=200,
+                       help="test users, sampled with the preset's seed (default: 200)")
+    bench.add_argument("--batch-size", type=positive_int, default=1,
+                       help="requests per batch (default: 1)")
+    bench.add_argument("--draft-tokens", type=positive_int, default=None,
+                       help="draft tokens per round (default: preset's)")
+    bench.add_argument("--device", default="cpu", type=_device,
+                       help="cpu or cuda[:N] (reference engine)")
     bench.add_argument("--json", default=None, help="write the result JSON here")
     bench.add_argument("--plot", default=None, help="write the acceptance plot (PNG) here")
+    bench.set_defaults(run=_cmd_bench)
 
-    srv = sub.add_parser("serve", help="serve POST /recommend over an artifacts dir (flags override PADREC_* env)")
-    srv.add_argument("--artifacts", default=None, help="artifacts directory (default: $PADREC_ARTIFACTS)")
-    srv.add_argument("--host", default=None, help="bind address (default: $PADREC_HOST or 127.0.0.1)")
-    srv.add_argument("--port", type=_positive_int, default=None, help="port (default: $PADREC_PORT or 8000)")
-    srv.add_argument("--engine", default=None, choices=["vllm", "reference"], help="default: $PADREC_ENGINE or vllm")
+    for name, run in _registered_commands(sub).items():
+        sub.choices[name].set_defaults(run=run)
     return parser
+
+
+def _registered_commands(sub) -> dict[str, Handler]:
+    """The commands of the ``padrec.commands`` entry points (module docstring), by name."""
+    handlers = {}
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        handlers[ep.name] = ep.load()(sub)
+        if ep.name not in sub.choices or not callable(handlers[ep.name]):
+            raise RuntimeError(
+                f"entry point {ep.name} = {ep.value} ({COMMANDS_GROUP}) must add a "
+                f"{ep.name!r} subcommand and return its handler"
+            )
+    return handlers
 
 
 def _cmd_download(args) -> None:
@@ -131,7 +191,8 @@ def _cmd_download(args) -> None:
 
     dest = Path(args.dest or os.environ.get(DATA_DIR_ENV) or "data")
     written = download(args.dataset, dest, args.base_url or DEFAULT_BASE_URL)
-    print(f"{args.dataset}: {len(written)} file(s) downloaded, all checksums match, in {dest / args.dataset}")
+    print(f"{args.dataset}: {len(written)} file(s) downloaded, all checksums match, "
+          f"in {dest / args.dataset}")
 
 
 def _cmd_prepare(args) -> None:
@@ -142,8 +203,8 @@ def _cmd_prepare(args) -> None:
 
     preset = get_preset(args.preset)
     dataset = load_dataset(args.dataset, args.data_dir)
-    report = prepare(dataset, Path(args.out), QuantiserConfig(codebook_size=preset.codebook_size, seed=preset.seed),
-                     args.embedding)
+    quantiser = QuantiserConfig(codebook_size=preset.codebook_size, seed=preset.seed)
+    report = prepare(dataset, Path(args.out), quantiser, args.embedding)
     print("\n".join(report.lines()))
 
 
@@ -151,8 +212,8 @@ def _cmd_build(args) -> None:
     from padrec_vllm.pipeline import build
     from padrec_vllm.presets import get_preset
 
-    build(args.dataset, get_preset(args.preset), Path(args.out), args.data_dir, args.device, args.embedding,
-          args.train_budget_s, evaluate=not args.no_eval)
+    build(args.dataset, get_preset(args.preset), Path(args.out), args.data_dir, args.device,
+          args.embedding, args.train_budget_s, evaluate=not args.no_eval)
 
 
 def _cmd_eval(args) -> None:
@@ -164,7 +225,8 @@ def _cmd_eval(args) -> None:
     paths = ArtifactPaths(Path(args.artifacts))
     info = paths.read_build_info()
     dataset = load_dataset(info["dataset"], args.data_dir)
-    result = run_eval(dataset, paths, get_preset(info["preset"]), args.device, args.users, args.batch_size)
+    result = run_eval(dataset, paths, get_preset(info["preset"]), args.device, args.users,
+                      args.batch_size)
     print("\n".join(format_eval(result)))
     if not paths.eval_file.exists():
         paths.eval_file.write_text(json.dumps(result, indent=2) + "\n")
@@ -175,46 +237,46 @@ def _cmd_eval(args) -> None:
 def _cmd_train_heads(args) -> None:
     from padrec_vllm.artifacts import ArtifactPaths
     from padrec_vllm.data.s3rec import load_dataset
+    from padrec_vllm.model.config import HEAD_VARIANTS
     from padrec_vllm.pipeline import run_train_heads
     from padrec_vllm.presets import get_preset
-    from padrec_vllm.train.heads import HEAD_VARIANTS
 
     unknown = [h for h in args.heads if h not in HEAD_VARIANTS]
     if unknown:
-        raise UserError(f"unknown head variant(s) {', '.join(unknown)}; choose from {', '.join(HEAD_VARIANTS)}")
+        raise UserError(f"unknown head variant(s) {', '.join(unknown)}; "
+                        f"choose from {', '.join(HEAD_VARIANTS)}")
     paths = ArtifactPaths(Path(args.artifacts))
     info = paths.read_build_info()
-    reports = run_train_heads(load_dataset(info["dataset"], args.data_dir), paths, get_preset(info["preset"]),
-                              args.device, tuple(args.heads))
+    reports = run_train_heads(load_dataset(info["dataset"], args.data_dir), paths,
+                              get_preset(info["preset"]), args.device, tuple(args.heads))
     info.setdefault("train_heads", {}).update(reports)
     paths.write_build_info(info)
 
 
 def _cmd_bench(args) -> None:
-    from padrec_vllm.bench import BenchConfig, format_table, run_bench, write_outputs
+    from padrec_vllm.bench import BenchConfig, format_table, write_outputs
 
-    result = run_bench(BenchConfig(artifacts=Path(args.artifacts), methods=tuple(args.methods), users=args.users,
-                                   batch_size=args.batch_size, num_draft_tokens=args.k, device=args.device,
-                                   engine=args.engine, data_dir=args.data_dir))
+    cfg = BenchConfig(artifacts=Path(args.artifacts), methods=tuple(args.methods),
+                      users=args.users, batch_size=args.batch_size,
+                      num_draft_tokens=args.draft_tokens, device=args.device,
+                      engine=args.engine, data_dir=args.data_dir)
+    if args.engine == "vllm":
+        from padrec_vllm.vllm_plugin.bench import run_vllm_bench
+
+        result = run_vllm_bench(cfg)
+    else:
+        from padrec_vllm.bench import run_reference_bench
+
+        result = run_reference_bench(cfg)
     print("\n".join(format_table(result)))
-    write_outputs(result, Path(args.json) if args.json else None, Path(args.plot) if args.plot else None)
-
-
-def _cmd_serve(args) -> None:
-    from server.main import serve
-
-    overrides = {"engine": args.engine} if args.engine else {}
-    serve(args.artifacts, args.host, args.port, **overrides)
-
-
-COMMANDS = {"download": _cmd_download, "prepare": _cmd_prepare, "build": _cmd_build, "eval": _cmd_eval,
-            "train-heads": _cmd_train_heads, "bench": _cmd_bench, "serve": _cmd_serve}
+    write_outputs(result, Path(args.json) if args.json else None,
+                  Path(args.plot) if args.plot else None)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        COMMANDS[getattr(args, "data_command", None) or args.command](args)
+        args.run(args)
     except UserError as exc:
         msg = str(exc)
         print(msg if msg.startswith(PROG) else f"{PROG}: error: {msg}", file=sys.stderr)

@@ -1,9 +1,8 @@
 """Named training presets: target size, data budget and evaluation size, one frozen record each.
 
-Training cost on the 2-core development machines (Hugging Face Llama, bf16 autocast):
-``tiny`` < 1 min (head size 32: the smallest vLLM's CPU attention supports), ``demo`` 6 min of target
-training and 14 min for the whole ``padrec build`` on Beauty (docs/RESULTS.md), ``bench`` is meant for a
-GPU (seconds) or an hours-long background job on CPU.
+``tiny`` is for tests (head size 32: the smallest vLLM's CPU attention supports), ``demo`` for the
+default build on a CPU, ``bench`` for a GPU or a long background job on CPU (build times:
+docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -40,18 +39,56 @@ class TargetPreset:
 PRESETS: dict[str, TargetPreset] = {
     p.name: p
     for p in (
-        TargetPreset("tiny", num_layers=2, hidden_size=64, num_heads=2, intermediate_size=128,
-                     history=5, list_len=4, batch_size=32, lr=3e-3, max_steps=60, warmup_steps=10,
-                     max_train_users=300, eval_users=50, codebook_size=16,
-                     head_steps=40, head_users=64, head_batch_size=16, num_draft_tokens=3),
-        # 4 narrow layers: on 2 CPU cores 1500 steps (~0.7 epoch of Beauty) take ~6 min, and the
-        # result beats most-popular on NDCG@10 (a 4x256 target got half an epoch in 25 min)
-        TargetPreset("demo", num_layers=4, hidden_size=128, num_heads=2, intermediate_size=384,
-                     lr=3e-3, max_steps=1500, warmup_steps=100, eval_users=2000,
-                     head_steps=400, head_users=1500),
-        TargetPreset("bench", num_layers=8, hidden_size=384, num_heads=6, intermediate_size=1024,
-                     batch_size=256, lr=1e-3, max_steps=6000, warmup_steps=300, eval_users=22363,
-                     head_steps=1500, head_users=8000, head_batch_size=128),
+        TargetPreset(
+            "tiny",
+            num_layers=2,
+            hidden_size=64,
+            num_heads=2,
+            intermediate_size=128,
+            history=5,
+            list_len=4,
+            batch_size=32,
+            lr=3e-3,
+            max_steps=60,
+            warmup_steps=10,
+            max_train_users=300,
+            eval_users=50,
+            codebook_size=16,
+            head_steps=40,
+            head_users=64,
+            head_batch_size=16,
+            num_draft_tokens=3,
+        ),
+        # 4 narrow layers, sized to train within minutes on a small CPU machine (build times and
+        # quality against most-popular: docs/RESULTS.md, "Target quality")
+        TargetPreset(
+            "demo",
+            num_layers=4,
+            hidden_size=128,
+            num_heads=2,
+            intermediate_size=384,
+            lr=3e-3,
+            max_steps=1500,
+            warmup_steps=100,
+            eval_users=2000,
+            head_steps=400,
+            head_users=1500,
+        ),
+        TargetPreset(
+            "bench",
+            num_layers=8,
+            hidden_size=384,
+            num_heads=6,
+            intermediate_size=1024,
+            batch_size=256,
+            lr=1e-3,
+            max_steps=6000,
+            warmup_steps=300,
+            eval_users=22363,
+            head_steps=1500,
+            head_users=8000,
+            head_batch_size=128,
+        ),
     )
 }
 

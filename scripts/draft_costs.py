@@ -3,8 +3,8 @@
 1. The target's verify forward by block width (1 = a plain decoding step), with the causal mask of
    a chain and with the tree mask of ``decoding.tree`` (a chain-shaped tree, so the same work),
    as ratios to the one-token forward.
-2. One draft step (head forward + logits) of each head, float32 against its int8 copy
-   (``model.int8_linear``), each step right after a verify forward as in decoding (the verify
+2. One draft step (head forward + logits) of each head's decoding form, float32 against int8
+   (``model.decoding_head``), each step right after a verify forward as in decoding (the verify
    streams the target's weights through the cache, so the head's weights are read cold).
 
 Calls are interleaved call by call, so machine noise hits every variant alike; medians.
@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from padrec_vllm.artifacts import ArtifactPaths
 from padrec_vllm.decoding.kv import TargetKV
 from padrec_vllm.errors import UserError
+from padrec_vllm.model.decoding_head import decoding_head
 from padrec_vllm.model.head_checkpoint import load_head
-from padrec_vllm.model.int8_linear import quantize_head
 from padrec_vllm.model.target import load_target
 
 PREFIX = 60  # cached tokens before the block (a typical history prompt)
@@ -42,7 +42,9 @@ def _verify(target, width: int, tree: bool) -> float:
     kv.keep(torch.tensor([PREFIX], device=device))
     block = torch.randint(5, 300, (1, width), device=device)  # [1, W]
     depths = torch.arange(width, device=device)[None] if tree else None  # [1, W]
-    mask = torch.ones(width, width, dtype=torch.bool, device=device).tril()[None] if tree else None  # [1, W, W]
+    mask = (
+        torch.ones(width, width, dtype=torch.bool, device=device).tril()[None] if tree else None
+    )  # [1, W, W]
     t0 = time.perf_counter()
     feats = kv.forward_block(block, depths, mask)  # [1, W, H]
     target.lm_head(feats).argmax(-1)
@@ -65,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             if not (paths.head(name) / "config.json").exists():
                 raise UserError(f"no head {name!r} at {paths.head(name)}")
             head = load_head(paths.head(name), dtype=torch.float32).eval()
-            heads[name] = head
-            heads[f"{name}+int8"] = quantize_head(head, target)
+            heads[name] = decoding_head(head, target)
+            heads[f"{name}+int8"] = decoding_head(head, target, int8=True)
         widths = [int(w) for w in args.widths.split(",")]
     except (UserError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -89,22 +91,33 @@ def main(argv: list[str] | None = None) -> int:
             for name, head in heads.items():
                 _verify(target, 5, False)  # what precedes a draft step in decoding
                 t0 = time.perf_counter()
-                head.logits(head(ids, feats, pos, step=2, embed=embed, cache=caches[name]), target.lm_head).argmax(-1)
+                head.logits(
+                    head(ids, feats, pos, step=2, embed=embed, cache=caches[name]), target.lm_head
+                ).argmax(-1)
                 if i >= 3:
                     step[name].append(time.perf_counter() - t0)
 
     ms = {k: 1000 * statistics.median(v) for k, v in verify.items()}
     one = ms[(1, False)]
     result = {
-        "verify_ms": {"causal": {w: ms[(w, False)] for w in widths}, "tree": {w: ms[(w, True)] for w in widths}},
-        "verify_ratio_to_one_token": {"causal": {w: ms[(w, False)] / one for w in widths},
-                                      "tree": {w: ms[(w, True)] / one for w in widths}},
+        "verify_ms": {
+            "causal": {w: ms[(w, False)] for w in widths},
+            "tree": {w: ms[(w, True)] for w in widths},
+        },
+        "verify_ratio_to_one_token": {
+            "causal": {w: ms[(w, False)] / one for w in widths},
+            "tree": {w: ms[(w, True)] / one for w in widths},
+        },
         "draft_step_ms": {n: 1000 * statistics.median(v) for n, v in step.items()},
-        "prefix_tokens": PREFIX, "repeats": args.repeats, "threads": torch.get_num_threads(),
+        "prefix_tokens": PREFIX,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
     }
-    print(f"verify forward, {PREFIX}-token cache: width  causal ms (x one token)  tree ms (x one token)")
+    print(f"verify forward, {PREFIX}-token cache: "
+          "width  causal ms (x one token)  tree ms (x one token)")
     for w in widths:
-        print(f"  {w:3d}  {ms[(w, False)]:7.2f} ({ms[(w, False)] / one:4.2f}x)  {ms[(w, True)]:7.2f} ({ms[(w, True)] / one:4.2f}x)")
+        causal, tree = ms[(w, False)], ms[(w, True)]
+        print(f"  {w:3d}  {causal:7.2f} ({causal / one:4.2f}x)  {tree:7.2f} ({tree / one:4.2f}x)")
     print("draft step (head + logits) after a verify forward:")
     for name in heads:
         if not name.endswith("+int8"):

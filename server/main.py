@@ -12,7 +12,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from padrec_vllm.errors import UserError
-from server.app import check, create_app
+from server.app import create_app
+from server.checks import check
 from server.settings import Settings
 
 

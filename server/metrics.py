@@ -2,7 +2,8 @@
 
 The speedup figures:
 - ``padrec_speedup{method="calibration"}``: at start-up the engine decodes the same calibration
-  prompts without and with speculation (``engine_api.Calibration``); wall-clock plain / speculative.
+  prompts without and with speculation (``padrec_vllm.engines.Calibration``); wall-clock plain /
+  speculative.
   ``padrec_calibration_identical_output_ratio`` says whether both runs agreed token for token.
 - ``padrec_speedup{method="live"}``: plain decode seconds per token measured at calibration,
   divided by the decode seconds per token of the speculative requests served since start-up.
@@ -12,16 +13,20 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from padrec_vllm.engine_api import Calibration, Generation
+from padrec_vllm.engines import Calibration, RequestResult
+from padrec_vllm.model.config import MAX_DRAFT_TOKENS
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-MAX_K = 16
 
 
 class ServerMetrics:
-    def __init__(self, slot_names: dict[int, str]):
+    """The series of one app. ``slot_labels`` (``TokenLayout.slot_labels()``: ``L0``.., ``sep``,
+    ``special``) name the ``slot`` label values; the lifespan sets them once the catalog is
+    loaded (``set_slot_labels``)."""
+
+    def __init__(self, slot_labels: dict[int, str] | None = None):
         self.registry = r = CollectorRegistry(auto_describe=True)
-        self.slot_names = slot_names
+        self.slot_labels = dict(slot_labels or {})
         self.request_seconds = Histogram(
             "padrec_request_duration_seconds",
             "HTTP request latency",
@@ -52,7 +57,7 @@ class ServerMetrics:
         self.acceptance_length = Histogram(
             "padrec_acceptance_length",
             "tokens emitted per verify round (accepted drafts + 1)",
-            buckets=tuple(range(1, MAX_K + 2)),
+            buckets=tuple(range(1, MAX_DRAFT_TOKENS + 2)),
             registry=r,
         )
         self.drafted_by_pos = Counter(
@@ -125,6 +130,9 @@ class ServerMetrics:
         self._tokens = self._forwards = 0
         self._items = self._invalid = 0
 
+    def set_slot_labels(self, labels: dict[int, str]) -> None:
+        self.slot_labels = dict(labels)
+
     def set_calibration(self, c: Calibration) -> None:
         self.speedup.labels("calibration").set(c.speedup)
         self.calib_identical.set(c.identical_rate)
@@ -133,7 +141,7 @@ class ServerMetrics:
         self.calib_s_per_token.labels("speculative").set(c.speculative_s_per_token)
         self._plain_s_per_token = c.plain_s_per_token
 
-    def observe_generation(self, g: Generation) -> None:
+    def observe_generation(self, g: RequestResult) -> None:
         self.generated_tokens.inc(len(g.tokens))
         self.target_forwards.inc(g.target_forwards)
         self.decode_seconds.inc(g.decode_s)
@@ -154,7 +162,7 @@ class ServerMetrics:
             self.drafted_by_pos.labels(str(j)).inc(prop)
             self.accepted_by_pos.labels(str(j)).inc(acc)
         for slot, (acc, prop) in g.accept_by_slot.items():
-            name = self.slot_names.get(slot, str(slot))
+            name = self.slot_labels.get(slot, str(slot))
             self.drafted_by_slot.labels(name).inc(prop)
             self.accepted_by_slot.labels(name).inc(acc)
         if self._plain_s_per_token and g.decode_tokens:
@@ -178,10 +186,3 @@ class ServerMetrics:
         if self._items:
             self.invalid_rate.set(self._invalid / self._items)
 
-
-def slot_names(num_levels: int) -> dict[int, str]:
-    """Slot labels: ``level0`` .. ``level{L-1}`` (the last is the collision level), ``sep``."""
-    names = {lvl: f"level{lvl}" for lvl in range(num_levels)}
-    names[num_levels] = "sep"
-    names[num_levels + 1] = "special"
-    return names

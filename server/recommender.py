@@ -18,7 +18,7 @@ from pathlib import Path
 
 from padrec_vllm.artifacts import ArtifactPaths
 from padrec_vllm.catalog.catalog import Catalog
-from padrec_vllm.engine_api import Generation
+from padrec_vllm.engines import RequestResult
 from padrec_vllm.errors import UserError
 from padrec_vllm.presets import PRESETS
 from server.schemas import GenerationInfo, HistoryInfo, Item, RecommendRequest
@@ -86,7 +86,8 @@ class Recommender:
         self.model = model
         self.max_history = max_history
         self.extra_items = extra_items
-        self.max_model_len: int | None = None  # set once the engine is up
+        # tokens the model takes in all: the target's, lowered to the engine's once it is up
+        self.max_model_len: int | None = None
 
     @classmethod
     def load(
@@ -101,11 +102,10 @@ class Recommender:
         paths = ArtifactPaths(Path(artifacts))
         info = paths.read_build_info()
         catalog = Catalog.load(paths.root)
-        if not (paths.target / "config.json").is_file():
-            raise UserError(f"no target model in {paths.target} (run `padrec build`)")
+        target_config = paths.target_config()
         preset = PRESETS.get(info.get("preset", ""))
         popular, source = load_popularity(paths, catalog, info.get("dataset"), data_dir)
-        return cls(
+        rec = cls(
             catalog,
             popular,
             source,
@@ -113,6 +113,8 @@ class Recommender:
             max_history=max_history or (preset.history if preset else DEFAULT_HISTORY),
             extra_items=extra_items,
         )
+        rec.max_model_len = int(target_config.get("max_position_embeddings", 1 << 30))
+        return rec
 
     def warmup_prompts(self, n: int, seed: int = 0) -> list[list[int]]:
         """``n`` prompts of ``max_history`` catalog items drawn at random (fixed seed)."""
@@ -143,7 +145,7 @@ class Recommender:
             req, known, used, list(dict.fromkeys(unknown)), prompt, self.budget(req.k, len(prompt))
         )
 
-    def answer(self, plan: Plan, gen: Generation | None) -> Answer:
+    def answer(self, plan: Plan, gen: RequestResult | None) -> Answer:
         """Exactly k items (fewer only when the catalog runs out), model items first."""
         req = plan.request
         excluded = set(plan.history) if req.exclude_history else set()

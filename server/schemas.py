@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints
 
-MAX_K = 50
+MAX_LIST_LEN = 50  # most items one recommendation returns (k)
 
 UserId = Annotated[str, StringConstraints(max_length=256)] | StrictInt
 
@@ -20,7 +20,7 @@ class RecommendRequest(BaseModel):
     )
 
     history: list[StrictInt] = Field(description="item ids the user interacted with, oldest first")
-    k: StrictInt = Field(10, ge=1, le=MAX_K, description="number of items to return")
+    k: StrictInt = Field(10, ge=1, le=MAX_LIST_LEN, description="number of items to return")
     user_id: UserId | None = Field(None, description="echoed back, for the caller's bookkeeping")
     exclude_history: StrictBool = Field(True, description="never recommend an item of the history")
     unknown_items: Literal["error", "ignore"] = Field(

@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from padrec_vllm.model.config import HEAD_KINDS, MAX_DRAFT_TOKENS
+
 MIB = 1 << 20
 
 
@@ -21,11 +23,11 @@ class Settings(BaseSettings):
     artifacts: Path = Field(description="artifacts directory of `padrec build`")
     engine: Literal["vllm", "reference"] = Field("vllm", description="decoding engine")
     speculative: bool = Field(True, description="speculative decoding with the draft head")
-    head: Literal["padrec", "eagle"] = Field(
+    head: Literal[HEAD_KINDS] = Field(
         "padrec", description="draft head under <artifacts>/heads/"
     )
     num_draft_tokens: int | None = Field(
-        None, ge=1, le=16, description="K; default: what the head was trained for"
+        None, ge=1, le=MAX_DRAFT_TOKENS, description="K; default: what the head was trained for"
     )
     max_in_flight: int = Field(64, ge=1, description="recommendations in flight before 503")
     max_batch_requests: int = Field(64, ge=1, description="requests per /recommend/batch call")
@@ -59,7 +61,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _int8_drafting_is_reference_cpu(self) -> Settings:
-        if self.draft_int8 and (self.engine != "reference" or self.device != "cpu" or self.dtype != "float32"):
+        reference_cpu = (self.engine, self.device, self.dtype) == ("reference", "cpu", "float32")
+        if self.draft_int8 and not reference_cpu:
             raise ValueError("draft_int8 needs engine=reference, device=cpu and dtype=float32")
         return self
 

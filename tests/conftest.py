@@ -1,4 +1,7 @@
-"""Shared fixtures: a synthetic dataset and one tiny build (catalog + target) per test session."""
+"""Shared fixtures: a synthetic dataset and one tiny build (catalog + target) per test session.
+
+``tests/`` (helper modules) and the repository root (``benchmarks``, the dev-only helpers that
+are not installed) are put on ``sys.path``."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from synthetic import NAME, write_synthetic  # noqa: E402
 
@@ -45,7 +49,8 @@ def reference(target, prompts):
     """``target``'s plain greedy completions of ``prompts``: no eos, 24 tokens."""
     from padrec_vllm.decoding import generate
 
-    return [r.tokens for r in generate(target, prompts, max_new_tokens=24, eos_id=None, batch_size=4)]
+    results = generate(target, prompts, max_new_tokens=24, eos_id=None, batch_size=4)
+    return [r.tokens for r in results]
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +67,19 @@ def tiny_artifacts(synth_data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("artifacts") / "tiny"
     build(NAME, get_preset("tiny"), out, data_dir=str(synth_data_dir), embedding="attributes")
     return out
+
+
+@pytest.fixture(scope="module")
+def settings(tiny_artifacts, synth_data_dir):
+    """Server settings over the tiny build: reference engine, 8 calibration requests, at most 8
+    in flight and 4 requests per batch."""
+    from server.settings import Settings
+
+    return Settings(
+        artifacts=tiny_artifacts,
+        engine="reference",
+        data_dir=synth_data_dir,
+        calibration_requests=8,
+        max_in_flight=8,
+        max_batch_requests=4,
+    )

@@ -39,9 +39,10 @@ def server_sample_names() -> frozenset[str]:
     """Every sample name the server's own registry can export (counters with _total, ...)."""
     from server.metrics import ServerMetrics
 
-    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"),
+    suffixes = {"counter": ("_total", "_created"),
+                "histogram": ("_bucket", "_count", "_sum", "_created"),
                 "gauge": ("",), "summary": ("", "_count", "_sum", "_created")}
     names = set()
-    for family in ServerMetrics({}).registry.collect():
+    for family in ServerMetrics().registry.collect():
         names.update(family.name + s for s in suffixes.get(family.type, ("",)))
     return frozenset(names)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from tiny_models import LAYOUT
@@ -16,10 +18,28 @@ class HistoryCache:
     def select(self, rows: torch.Tensor) -> None:
         self.tokens = self.tokens[rows]
 
-    def scratch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tree-node scratch: this fake keeps token ids where a head keeps keys."""
-        b = self.tokens.shape[0]
-        return torch.full((b, size), -1, dtype=torch.long), torch.zeros(b, size)
+    def tree_scratch(self, size: int) -> HistoryScratch:
+        return HistoryScratch(torch.full((self.tokens.shape[0], size), -1, dtype=torch.long))
+
+
+@dataclass(frozen=True)
+class HistoryScratch:
+    """Tree-node scratch: this fake keeps token ids where a head keeps keys."""
+
+    tokens: torch.Tensor  # [B, M]
+
+    def at(self, slots, visible, prefix_end) -> HistoryTree:
+        return HistoryTree(self.tokens, slots, visible, prefix_end)
+
+
+@dataclass(frozen=True)
+class HistoryTree:
+    """A call's place in the tree (``protocol.TreeScratch.at``)."""
+
+    tokens: torch.Tensor  # [B, M]: the scratch, written in place
+    slots: torch.Tensor  # [T]
+    visible: torch.Tensor  # [B, T, M]
+    prefix_end: torch.Tensor  # [B]
 
 
 class TableDrafter:
@@ -51,7 +71,7 @@ class TableDrafter:
         if tree is None:
             cache.tokens[torch.arange(b)[:, None], position_ids] = input_ids
         else:
-            tree.keys[:, tree.slots] = input_ids
+            tree.tokens[:, tree.slots] = input_ids
         out = torch.zeros(b, t, LAYOUT.vocab_size)
         for r in range(b):
             for i in range(t):
@@ -59,12 +79,13 @@ class TableDrafter:
                     history = cache.tokens[r, : int(position_ids[r, i]) + 1].tolist()
                 else:
                     history = (cache.tokens[r, : int(tree.prefix_end[r])].tolist()
-                               + tree.keys[r][tree.visible[r, i]].tolist())
+                               + tree.tokens[r][tree.visible[r, i]].tolist())
                 right = self.next.get(tuple(history), 0)
                 wrong = (right + 1) % LAYOUT.vocab_size
+                noisy = self.mode in ("noisy", "hedged") and sum(history) % 3 == 0
                 if self.mode == "runner-up":
                     out[r, i, wrong], out[r, i, right] = 10.0, 9.0
-                elif self.mode == "wrong" or (self.mode in ("noisy", "hedged") and sum(history) % 3 == 0):
+                elif self.mode == "wrong" or noisy:
                     out[r, i, wrong] = 1.0
                 else:
                     out[r, i, right] = 50.0 if self.mode == "hedged" else 1.0

@@ -48,7 +48,10 @@ def test_sids_unique_and_deterministic(synth_data_dir):
     sids = list(cat1.item_to_sid.values())
     assert len(set(sids)) == len(sids) == ds.num_items
     assert all(len(s) == cat1.layout.num_levels == 4 for s in sids)
-    assert rep1.num_items == ds.num_items and rep1.max_collision_depth == cat1.layout.codebook_sizes[-1]
+    assert (
+        rep1.num_items == ds.num_items
+        and rep1.max_collision_depth == cat1.layout.codebook_sizes[-1]
+    )
 
 
 def test_text_embeddings_give_unique_sids(synth_data_dir):
@@ -64,7 +67,9 @@ def test_auto_method_falls_back_without_titles(tmp_path):
 
     no_meta = load_dataset(NAME, write_synthetic(tmp_path, with_meta=False))
     assert choose_method(no_meta) == "attributes"  # attribute names exist but no titles
-    bare = type(no_meta)(name="x", sequences=no_meta.sequences, num_items=no_meta.num_items, item_attributes={})
+    bare = type(no_meta)(
+        name="x", sequences=no_meta.sequences, num_items=no_meta.num_items, item_attributes={}
+    )
     assert choose_method(bare) == "cooccurrence"
 
 
@@ -78,8 +83,16 @@ def test_residual_kmeans_levels_reduce_error():
 def test_tokenizer_round_trip():
     layout = TokenLayout((8, 8, 8, 3))
     tok = build_tokenizer(layout)
-    ids = [BOS_ID, layout.token_id(0, 1), layout.token_id(1, 7), layout.token_id(2, 0),
-           layout.token_id(3, 2), SEP_ID, REC_ID, EOS_ID]
+    ids = [
+        BOS_ID,
+        layout.token_id(0, 1),
+        layout.token_id(1, 7),
+        layout.token_id(2, 0),
+        layout.token_id(3, 2),
+        SEP_ID,
+        REC_ID,
+        EOS_ID,
+    ]
     text = tok.decode(ids)
     assert tok.encode(text, add_special_tokens=False) == ids
     assert tok.encode("<a_1><b_7>", add_special_tokens=False) == ids[1:3]
@@ -95,8 +108,21 @@ def test_catalog_parse_counts_invalid_items(synth_data_dir, tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "catalog.jsonl").read_text().splitlines()]
     assert rows[0]["tokens"] == cat.layout.token_strings_of(cat.item_to_sid[rows[0]["item_id"]])
     used = set(cat.item_to_sid.values())
-    bad = next((a, b, c, 0) for a in range(8) for b in range(8) for c in range(8) if (a, b, c, 0) not in used)
-    ids = cat.item_token_ids(3) + [SEP_ID] + cat.layout.sid_to_ids(bad) + [SEP_ID] + cat.item_token_ids(5) + [SEP_ID, EOS_ID, 7]
+    bad = next(
+        (a, b, c, 0)
+        for a in range(8)
+        for b in range(8)
+        for c in range(8)
+        if (a, b, c, 0) not in used
+    )
+    ids = (
+        cat.item_token_ids(3)
+        + [SEP_ID]
+        + cat.layout.sid_to_ids(bad)
+        + [SEP_ID]
+        + cat.item_token_ids(5)
+        + [SEP_ID, EOS_ID, 7]
+    )
     parsed = loaded.parse(ids)
     assert parsed.items == (3, None, 5) and parsed.finished and parsed.num_invalid == 1
     assert loaded.parse(cat.item_token_ids(3)[:2]).items == (None,)  # truncated item is invalid
@@ -111,4 +137,8 @@ def test_prepare_real_datasets(name):
     cat, rep = build_catalog(ds, QuantiserConfig(), "auto")
     assert len(set(cat.item_to_sid.values())) == ds.num_items
     table = cat.layout.slot_table()
-    assert all(table[t] == lvl for s in cat.item_to_sid.values() for lvl, t in enumerate(cat.layout.sid_to_ids(s)))
+    assert all(
+        table[t] == lvl
+        for s in cat.item_to_sid.values()
+        for lvl, t in enumerate(cat.layout.sid_to_ids(s))
+    )

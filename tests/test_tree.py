@@ -9,24 +9,29 @@ import torch
 
 from padrec_vllm.decoding import aggregate, generate, identical_output_rate
 from padrec_vllm.decoding.tree import DraftTree, TreeSpec, accept_tree, path_indices
-from padrec_vllm.model.heads import TreeAttention
+from padrec_vllm.model.decoding_head import decoding_head
 from drafters import TableDrafter
-from tiny_models import LAYOUT, tiny_head
+from tiny_models import LAYOUT, assert_close_to_rounding, tiny_head
 
 K = 3
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.parametrize("form", ["head", "decoding"])
 @pytest.mark.parametrize("kind", ["eagle", "padrec"])
 @pytest.mark.parametrize("batch_size", [1, 4])
 @pytest.mark.parametrize("spec", [TreeSpec(5, 2), TreeSpec(9, 3), TreeSpec(9, 3, min_prob=0.01)])
-def test_tree_is_lossless_with_real_heads(target, prompts, reference, kind, batch_size, spec):
+def test_tree_is_lossless_with_real_heads(target, prompts, reference, kind, batch_size, spec,
+                                          form):
     row = reference[0]
     eos = next(tok for i, tok in enumerate(row) if i >= 5 and tok not in row[:i])
     head = tiny_head(target, kind, num_steps=K)
+    if form == "decoding":
+        head = decoding_head(head, target)
     plain = generate(target, prompts, max_new_tokens=20, eos_id=eos, batch_size=batch_size)
-    tree = generate(target, prompts, max_new_tokens=20, eos_id=eos, batch_size=batch_size, head=head, tree=spec)
+    tree = generate(target, prompts, max_new_tokens=20, eos_id=eos, batch_size=batch_size,
+                    head=head, tree=spec)
     assert identical_output_rate(tree, plain) == 1.0
     assert tree[0].tokens[-1] == eos
     assert all(r.draft_forwards == K * r.target_forwards for r in tree)
@@ -45,7 +50,8 @@ def test_top1_tree_is_the_chain(target, prompts, reference, batch_size):
     for c, t in zip(chain, tree):
         assert t.tokens == c.tokens and t.tau == c.tau and t.target_forwards == c.target_forwards
         assert t.accept_by_pos == c.accept_by_pos and t.draft_forwards == c.draft_forwards
-        assert sum(a for a, _ in t.accept_by_slot.values()) == sum(a for a, _ in c.accept_by_slot.values())
+        accepted = [sum(a for a, _ in r.accept_by_slot.values()) for r in (t, c)]
+        assert accepted[0] == accepted[1]
 
 
 def test_tree_accepts_the_second_choices(target, prompts, reference):
@@ -63,7 +69,8 @@ def test_tree_accepts_the_second_choices(target, prompts, reference):
     for r in tree:
         assert r.tau == 3.0 and r.target_forwards == rounds and r.draft_forwards == rounds * K
         assert r.accept_by_pos == [(rounds, rounds), (rounds, rounds), (0, rounds)]
-    assert drafter.steps == list(range(1, K + 1)) * rounds  # one call per depth; the step index is depth + 1
+    # one call per depth; the step index is depth + 1
+    assert drafter.steps == list(range(1, K + 1)) * rounds
 
 
 def test_min_prob_trims_the_doubtful_branches(target, prompts, reference):
@@ -84,8 +91,9 @@ def _hand_tree() -> DraftTree:
     mask = torch.eye(6, dtype=torch.bool)[None].clone()
     for i in range(1, 6):
         mask[0, i] |= mask[0, parents[0, i - 1]]
-    return DraftTree(torch.tensor([[11, 12, 13, 14, 15]]), parents, torch.tensor([[1, 1, 2, 2, 2]]), mask,
-                     torch.ones(1, 5, dtype=torch.bool), head_steps=3)
+    return DraftTree(torch.tensor([[11, 12, 13, 14, 15]]), parents,
+                     torch.tensor([[1, 1, 2, 2, 2]]), mask, torch.ones(1, 5, dtype=torch.bool),
+                     head_steps=3)
 
 
 @pytest.mark.parametrize(
@@ -104,29 +112,38 @@ def test_accept_tree_walks_the_agreeing_path(verified, accepted, leaf, path):
     assert path_indices(tree, lf, 4).tolist() == [path]
 
 
-def test_tree_attention_sees_prefix_and_ancestors_only(target):
+@pytest.mark.parametrize("form", ["head", "decoding"])
+def test_tree_attention_sees_prefix_and_ancestors_only(target, form):
     """A head query in a tree equals the same query made as a chain over its ancestors."""
     head = tiny_head(target, "padrec", num_steps=K)
+    if form == "decoding":
+        head = decoding_head(head, target)
     embed = target.get_input_embeddings()
     h = target.config.hidden_size
     torch.manual_seed(0)
     ids, feats = torch.randint(3, 30, (1, 6)), torch.randn(1, 6, h)  # [1, 6], [1, 6, H]
+    prefix = (ids[:, :4], feats[:, :4], torch.arange(4)[None])  # [1, 4], [1, 4, H], [1, 4]
     with torch.inference_mode():
         chain = head.new_cache(1, 16)
-        head(ids[:, :4], feats[:, :4], torch.arange(4)[None], step=1, embed=embed, cache=chain)
-        want = head(ids[:, 4:6], feats[:, 4:6], torch.tensor([[4, 5]]), step=2, embed=embed, cache=chain)
+        head(*prefix, step=1, embed=embed, cache=chain)
+        want = head(ids[:, 4:6], feats[:, 4:6], torch.tensor([[4, 5]]), step=2, embed=embed,
+                    cache=chain)
         tree_cache = head.new_cache(1, 16)
-        head(ids[:, :4], feats[:, :4], torch.arange(4)[None], step=1, embed=embed, cache=tree_cache)
-        keys, values = tree_cache.scratch(3)
+        head(*prefix, step=1, embed=embed, cache=tree_cache)
+        scratch = tree_cache.tree_scratch(3)
         # scratch 0: a sibling the queries must not see; 1: the node at position 4; 2: position 5
-        noise = TreeAttention(keys, values, torch.tensor([0]), torch.tensor([[[True, False, False]]]),
-                              torch.tensor([4]))
+        noise = scratch.at(torch.tensor([0]), torch.tensor([[[True, False, False]]]),
+                           torch.tensor([4]))
         head(ids[:, 5:6], torch.randn(1, 1, h), torch.tensor([[4]]), step=2, embed=embed,
              cache=tree_cache, tree=noise)
         vis = torch.tensor([[[False, True, False], [False, True, True]]])
-        got = head(ids[:, 4:6], feats[:, 4:6], torch.tensor([[4, 5]]), step=2, embed=embed, cache=tree_cache,
-                   tree=TreeAttention(keys, values, torch.tensor([1, 2]), vis, torch.tensor([4])))
-    torch.testing.assert_close(got, want)
+        place = scratch.at(torch.tensor([1, 2]), vis, torch.tensor([4]))
+        got = head(ids[:, 4:6], feats[:, 4:6], torch.tensor([[4, 5]]), step=2, embed=embed,
+                   cache=tree_cache, tree=place)
+    # the same keys in another layout (cache + scratch against cache): other sum orders only.
+    # Sums along the way: fc (2H), q/k/v (H), scores (head_dim 16), weights x values (16 cached
+    # slots + 3 scratch entries), o_proj (H), MLP gate/up (H), down_proj (2H)
+    assert_close_to_rounding(got, want, 2 * h + h + 16 + 19 + h + h + 2 * h)
 
 
 def test_tree_argument_errors(target, prompts):

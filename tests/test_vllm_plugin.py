@@ -19,9 +19,12 @@ pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
 import padrec_vllm.vllm_plugin as plugin  # noqa: E402
+from padrec_vllm.model.config import PADREC_ARCHITECTURE, HeadConfig  # noqa: E402
+from padrec_vllm.model.head import DraftHead  # noqa: E402
 from padrec_vllm.model.head_checkpoint import save_head  # noqa: E402
-from padrec_vllm.model.heads import DraftHead, HeadConfig  # noqa: E402
+from padrec_vllm.model.padrec_terms import add_padrec_terms  # noqa: E402
 from padrec_vllm.vllm_plugin import step  # noqa: E402
+from tiny_models import assert_close_to_rounding  # noqa: E402
 
 
 def test_entry_point_is_declared():
@@ -45,7 +48,7 @@ def test_register_is_idempotent():
     for hook in first:
         assert getattr(hook, step.HOOK_MARK)
         assert not getattr(hook.__wrapped__, step.HOOK_MARK, False)
-    assert plugin.ARCHITECTURE in ModelRegistry.get_supported_archs()
+    assert PADREC_ARCHITECTURE in ModelRegistry.get_supported_archs()
 
 
 def test_installed_vllm_is_the_supported_version():
@@ -234,17 +237,21 @@ def test_padrec_terms_match_reference_on_both_runners(tmp_path, switches):
     u = torch.randn(7, 32, generator=gen)  # [T, H]
     ids = torch.randint(0, 40, (7,), generator=gen)  # [T]
     counter = torch.tensor(0, dtype=torch.int64)  # the V2 speculator's current_draft_step
+    # the same terms; the step logit w_s . s_k + b_g is an H-term sum computed for one step here
+    # and for all steps at once in the reference, then a sigmoid and a multiply-add follow
+    sums = config.hidden_size + 2
     with torch.no_grad():
+        ref = head.terms()
         for k in range(1, head.num_steps + 2):  # K + 1 reuses step K, as the reference does
-            want = head._add_positions(u[None], ids[None], k)[0]
+            want = add_padrec_terms(u[None], ids[None], ref, head.config.step_row(k))[0]
             outer.set_draft_index(k - 1)  # V1: written before the forward
-            torch.testing.assert_close(terms(u, ids), want, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(terms(u, ids.int()), want, rtol=1e-5, atol=1e-6)  # V1 ids
+            assert_close_to_rounding(terms(u, ids), want, sums)
+            assert_close_to_rounding(terms(u, ids.int()), want, sums)  # V1 passes int32 ids
         outer.bind_draft_index(counter)  # V2: the model reads the speculator's tensor
         for k in range(1, head.num_steps + 1):
             counter.fill_(k - 1)
-            want = head._add_positions(u[None], ids[None], k)[0]
-            torch.testing.assert_close(terms(u, ids), want, rtol=1e-5, atol=1e-6)
+            want = add_padrec_terms(u[None], ids[None], ref, head.config.step_row(k))[0]
+            assert_close_to_rounding(terms(u, ids), want, sums)
     assert outer.draft_index is counter
 
 

@@ -7,7 +7,8 @@ import random
 import torch
 
 from padrec_vllm.catalog.tokens import BOS_ID, EOS_ID, PAD_ID, REC_ID, SEP_ID, TokenLayout
-from padrec_vllm.model.heads import DraftHead, HeadConfig
+from padrec_vllm.model.config import HeadConfig
+from padrec_vllm.model.head import DraftHead
 
 LAYOUT = TokenLayout((8, 8, 8, 4))  # vocab 33, 6 slots
 
@@ -64,3 +65,21 @@ def random_prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
                 body.append(LAYOUT.token_id(level, rng.randrange(LAYOUT.codebook_sizes[level])))
         prompts.append([BOS_ID, *body, REC_ID])
     return prompts
+
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def assert_close_to_rounding(got: torch.Tensor, want: torch.Tensor, terms: int) -> None:
+    """``got`` equals ``want`` up to the float32 rounding of two computation orders.
+
+    Summing n float32 terms in another order moves the sum by at most about n * eps times the
+    terms' magnitude (the standard bound); along a chain of sums the errors add to first order,
+    so ``terms`` is the total length of the sums an output element goes through, and the
+    output's largest magnitude stands for the terms' magnitude: the bound per element is
+    ``terms * eps * max|want|``. A wrong term, step or mask moves outputs by a fraction of
+    their scale, orders of magnitude above this.
+    """
+    bound = terms * EPS32 * float(want.abs().max())
+    err = float((got.float() - want.float()).abs().max())
+    assert err <= bound, f"max |got - want| = {err:.3g} > {bound:.3g} ({terms} terms)"

@@ -46,8 +46,11 @@ class Catalog:
         if len(sid_to_item) != len(self.item_to_sid):
             raise ValueError("semantic IDs are not unique")
         object.__setattr__(self, "_sid_to_item", sid_to_item)
-        object.__setattr__(self, "_tokens_to_item",
-                           {tuple(self.layout.sid_to_ids(s)): i for s, i in sid_to_item.items()})
+        object.__setattr__(
+            self,
+            "_tokens_to_item",
+            {tuple(self.layout.sid_to_ids(s)): i for s, i in sid_to_item.items()},
+        )
 
     @property
     def num_items(self) -> int:
@@ -92,20 +95,15 @@ class Catalog:
             items.append(self._tokens_to_item.get(tuple(chunk)))
         return ParsedList(items=tuple(items), finished=finished)
 
-    def prefix_trie(self) -> dict[tuple[int, ...], set[int]]:
-        """Valid next token ids after each proper prefix of an item's SID tokens."""
-        trie: dict[tuple[int, ...], set[int]] = {}
-        for toks in self._tokens_to_item:
-            for j in range(len(toks)):
-                trie.setdefault(toks[:j], set()).add(toks[j])
-        return trie
-
     def save(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         with open(out_dir / CATALOG_FILE, "w") as f:
             for item in sorted(self.item_to_sid):
-                row = {"item_id": item, "sid": list(self.item_to_sid[item]),
-                       "tokens": self.layout.token_strings_of(self.item_to_sid[item])}
+                row = {
+                    "item_id": item,
+                    "sid": list(self.item_to_sid[item]),
+                    "tokens": self.layout.token_strings_of(self.item_to_sid[item]),
+                }
                 if item in self.titles:
                     row["title"] = self.titles[item]
                 f.write(json.dumps(row) + "\n")
@@ -117,7 +115,9 @@ class Catalog:
         art_dir = Path(art_dir)
         for name in (CATALOG_FILE, LAYOUT_FILE):
             if not (art_dir / name).is_file():
-                raise UserError(f"missing artifact file: {art_dir / name} (run `padrec prepare` first)")
+                raise UserError(
+                    f"missing artifact file: {art_dir / name} (run `padrec prepare` first)"
+                )
         try:
             layout = TokenLayout.from_dict(json.loads((art_dir / LAYOUT_FILE).read_text()))
             item_to_sid, titles = {}, {}

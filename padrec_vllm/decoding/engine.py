@@ -9,15 +9,14 @@ Batching: prompts are taken ``batch_size`` at a time, in order; each batch is ri
 prefilled in one forward; rows leave the batch when they finish (``eos`` emitted — it is kept in
 the output — or ``max_new_tokens`` reached). Per-row acceptance: rows of one round keep different
 numbers of tokens; the target's cache marks the rest as holes (``kv.TargetKV``), the head's cache
-is addressed by position and needs no rollback (``heads.HeadCache``). A round drafts a chain
-(``speculative``) or, with a ``TreeSpec``, a tree verified under a tree mask (``tree``); either way
-it emits the target's greedy tokens.
+(``protocol.DraftCache``) is addressed by position and needs no rollback. A round drafts a chain
+(``speculative``) or, with a ``TreeSpec``, a tree verified under a tree mask (``tree``); either
+way it emits the target's greedy tokens.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -26,62 +25,9 @@ from tqdm.auto import tqdm
 
 from padrec_vllm.decoding.kv import TargetKV
 from padrec_vllm.decoding.protocol import Drafter
-from padrec_vllm.decoding.results import RequestResult
+from padrec_vllm.decoding.accounting import RequestAccounting, RequestResult
 from padrec_vllm.decoding.speculative import accepted_prefix, draft_chain
 from padrec_vllm.decoding.tree import TreeSpec, accept_tree, draft_tree, path_indices
-
-
-@dataclass
-class _Row:
-    """Mutable per-request accumulator; frozen into a RequestResult at the end."""
-
-    num_drafts: int
-    tokens: list[int] = field(default_factory=list)
-    target_forwards: int = 0
-    draft_forwards: int = 0
-    by_pos: list[list[int]] = field(default_factory=list)
-    by_slot: dict[int, list[int]] = field(default_factory=dict)
-    prefill_s: float = 0.0
-    draft_s: float = 0.0
-    verify_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.by_pos = [[0, 0] for _ in range(self.num_drafts)]
-
-    def emit(self, new_tokens: list[int], max_new_tokens: int, eos_id: int | None) -> bool:
-        """Append tokens up to eos / the budget; True when the request is finished."""
-        for tok in new_tokens:
-            self.tokens.append(tok)
-            if tok == eos_id or len(self.tokens) >= max_new_tokens:
-                return True
-        return False
-
-    def count_round(self, drafts: list[int], accepted: int, slots: list[int] | None, head_steps: int) -> None:
-        """One round: ``drafts`` the proposed drafts, ``head_steps`` the head forwards it ran."""
-        self.target_forwards += 1
-        self.draft_forwards += head_steps
-        for j in range(len(drafts)):
-            self.by_pos[j][1] += 1
-            self.by_pos[j][0] += j < accepted
-        if slots is not None:
-            for j in range(min(accepted + 1, len(drafts))):
-                acc_prop = self.by_slot.setdefault(slots[drafts[j]], [0, 0])
-                acc_prop[0] += j < accepted
-                acc_prop[1] += 1
-
-    def result(self) -> RequestResult:
-        decoded = len(self.tokens) - 1  # the first token comes from prefill
-        return RequestResult(
-            tokens=list(self.tokens),
-            tau=decoded / self.target_forwards if self.target_forwards else 0.0,
-            accept_by_pos=[(a, p) for a, p in self.by_pos],
-            accept_by_slot={s: (a, p) for s, (a, p) in sorted(self.by_slot.items())},
-            target_forwards=self.target_forwards,
-            draft_forwards=self.draft_forwards,
-            prefill_s=self.prefill_s,
-            draft_s=self.draft_s,
-            verify_s=self.verify_s,
-        )
 
 
 def generate(
@@ -100,14 +46,16 @@ def generate(
 ) -> list[RequestResult]:
     """Greedy-decode every prompt; with ``head``, by speculative decoding (chains, or trees).
 
-    ``num_draft_tokens`` (K) defaults to ``head.num_steps``; it is the most drafts a round proposes.
-    ``min_draft_confidence`` in [0, 1): 0 proposes all K every round; above 0 a round's chain stops
-    at the first draft whose probability under the head is below it (``speculative.draft_chain``),
-    which never changes the output, only the work. ``tree`` drafts a tree of ``tree.nodes``
-    candidates up to K deep each round and verifies it in one forward (``decoding.tree``; the head
-    must be a ``DraftHead``); it excludes ``min_draft_confidence``. ``slot_of_token`` [V] (default: the head's
-    table, if any) enables ``accept_by_slot``. Results are in prompt order. ``progress``, when
-    given, is the label of a progress bar over batches.
+    ``num_draft_tokens`` (K) defaults to ``head.num_steps``; it is the most drafts a round
+    proposes. ``min_draft_confidence`` in [0, 1): 0 proposes all K every round; above 0 a round's
+    chain stops at the first draft whose probability under the head is below it
+    (``speculative.draft_chain``), which never changes the output, only the work. ``tree`` drafts
+    a tree of ``tree.nodes`` candidates up to K deep each round and verifies it in one forward
+    (``decoding.tree``; the head must be a ``protocol.TreeDrafter``); it excludes
+    ``min_draft_confidence``. ``slot_of_token`` [V] (default: the head's table, if any) enables
+    ``accept_by_slot``. Results are in prompt order, with figures as defined in
+    ``decoding.accounting``. ``progress``, when given, is the label of a progress bar over
+    batches.
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
@@ -130,9 +78,15 @@ def generate(
         starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None):
             rows = _decode_batch(
-                target, prompts[start : start + batch_size], head, num_drafts,
-                max_new_tokens=max_new_tokens, eos_id=eos_id, slots=slots,
-                min_confidence=min_draft_confidence, tree=tree,
+                target,
+                prompts[start : start + batch_size],
+                head,
+                num_drafts,
+                max_new_tokens=max_new_tokens,
+                eos_id=eos_id,
+                slots=slots,
+                min_confidence=min_draft_confidence,
+                tree=tree,
             )
             results.extend(row.result() for row in rows)
     return results
@@ -144,10 +98,17 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _charge(rows: list[_Row], alive: list[int], phase: str, seconds: float) -> None:
-    """Split a batch-level phase time evenly among the rows that took part."""
+def _charge(rows: list[RequestAccounting], alive: list[int], phase: str, seconds: float) -> None:
+    """Split a batch-level phase time evenly among the rows that took part. ``phase`` is
+    "prefill", "draft" (part of decoding) or "verify" (the rest of decoding)."""
+    share = seconds / len(alive)
     for i in alive:
-        setattr(rows[i], phase, getattr(rows[i], phase) + seconds / len(alive))
+        row = rows[i]
+        if phase == "prefill":
+            row.prefill_s += share
+        else:
+            row.decode_s += share
+            row.draft_s += share if phase == "draft" else 0.0
 
 
 def _decode_batch(
@@ -161,10 +122,10 @@ def _decode_batch(
     slots: list[int] | None,
     min_confidence: float,
     tree: TreeSpec | None,
-) -> list[_Row]:
+) -> list[RequestAccounting]:
     device = next(target.parameters()).device
     b = len(prompts)
-    rows = [_Row(num_drafts) for _ in prompts]
+    rows = [RequestAccounting(num_drafts, slots) for _ in prompts]
     alive = list(range(b))  # batch row -> index into rows
     embed, lm_head = target.get_input_embeddings(), target.lm_head
 
@@ -179,7 +140,7 @@ def _decode_batch(
     ar = torch.arange(b, device=device)  # [B]
     nxt = lm_head(feats[ar, lens - 1]).argmax(-1)  # [B]: x_n
     finished = [rows[r].emit([tok], max_new_tokens, eos_id) for r, tok in enumerate(nxt.tolist())]
-    _charge(rows, alive, "prefill_s", _clock(device) - t0)
+    _charge(rows, alive, "prefill", _clock(device) - t0)
 
     if head is not None:
         hcache = head.new_cache(b, ids.shape[1] + max_new_tokens + num_drafts + 1)
@@ -209,25 +170,27 @@ def _decode_batch(
             nxt = lm_head(feats[:, 0]).argmax(-1)  # [B]
             finished = []
             for i, tok in enumerate(nxt.tolist()):
-                rows[alive[i]].target_forwards += 1
+                rows[alive[i]].plain_forward()
                 finished.append(rows[alive[i]].emit([tok], max_new_tokens, eos_id))
-            _charge(rows, alive, "verify_s", _clock(device) - t0)
+            _charge(rows, alive, "verify", _clock(device) - t0)
             continue
 
         t0 = _clock(device)
         pending = (h_ids, h_feats, h_pos, h_count)
         if tree is None:
-            rnd = _chain_round(head, embed, lm_head, hcache, kv, nxt, pending, num_drafts, min_confidence)
+            rnd = _chain_round(
+                head, embed, lm_head, hcache, kv, nxt, pending, num_drafts, min_confidence
+            )
         else:
             rnd = _tree_round(head, embed, lm_head, hcache, kv, nxt, pending, num_drafts, tree)
-        _charge(rows, alive, "draft_s", rnd.drafted_at - t0)
+        _charge(rows, alive, "draft", rnd.drafted_at - t0)
         nxt, (h_ids, h_feats, h_pos, h_count) = rnd.next_token, rnd.pending
         finished = []
         for i, (emitted, proposed, a) in enumerate(zip(rnd.emitted, rnd.proposed, rnd.accepted)):
             row = rows[alive[i]]
-            row.count_round(proposed, a, slots, rnd.head_steps)
+            row.round(proposed, a, emitted, rnd.head_steps)
             finished.append(row.emit(emitted, max_new_tokens, eos_id))
-        _charge(rows, alive, "verify_s", _clock(device) - rnd.drafted_at)
+        _charge(rows, alive, "verify", _clock(device) - rnd.drafted_at)
     return rows
 
 
@@ -235,19 +198,31 @@ class _Round(NamedTuple):
     """What one speculative round hands back to the batch loop."""
 
     next_token: torch.Tensor  # [B]: the new x_n
-    pending: tuple  # the head's next pending inputs: ids [B, T], features [B, T, H], positions [B, T], counts [B]
+    # the head's next pending inputs: ids [B, T], features [B, T, H], positions [B, T], counts [B]
+    pending: tuple
     emitted: list[list[int]]  # per row: the tokens the round emits
-    proposed: list[list[int]]  # per row: the drafts at positions 1.. (for the acceptance counts)
+    proposed: list[int]  # per row: drafts proposed (chain) or depth the tree reached
     accepted: list[int]  # per row: drafts kept
     head_steps: int
     drafted_at: float  # clock when drafting ended
 
 
-def _chain_round(head, embed, lm_head, hcache, kv: TargetKV, nxt: torch.Tensor, pending: tuple,
-                 num_drafts: int, min_confidence: float) -> _Round:
+def _chain_round(
+    head,
+    embed,
+    lm_head,
+    hcache,
+    kv: TargetKV,
+    nxt: torch.Tensor,
+    pending: tuple,
+    num_drafts: int,
+    min_confidence: float,
+) -> _Round:
     """Draft a chain, verify [x_n, d_1..d_L] causally, keep the agreeing prefix."""
     device = nxt.device
-    drafts, proposed = draft_chain(head, embed, lm_head, hcache, *pending, num_drafts, min_confidence)  # [B, L], [B]
+    drafts, proposed = draft_chain(
+        head, embed, lm_head, hcache, *pending, num_drafts, min_confidence
+    )  # [B, L], [B]
     head_steps = drafts.shape[1]
     n_prop = proposed.tolist()
     drafts = drafts[:, : max(n_prop)]  # [B, D]: verify only what some row proposes
@@ -262,16 +237,30 @@ def _chain_round(head, embed, lm_head, hcache, kv: TargetKV, nxt: torch.Tensor, 
     # the kept positions n..n+a become the head's pending inputs: (f_{n+j}, x_{n+j+1})
     h_pos = start[:, None] + torch.arange(block.shape[1], device=device)  # [B, D+1]
     acc = accepted.tolist()
-    return _Round(nxt, (verified, feats, h_pos, accepted + 1),
-                  [v[: a + 1] for v, a in zip(verified.tolist(), acc)],
-                  [d[:p] for d, p in zip(drafts.tolist(), n_prop)], acc, head_steps, t1)
+    return _Round(
+        nxt,
+        (verified, feats, h_pos, accepted + 1),
+        [v[: a + 1] for v, a in zip(verified.tolist(), acc)],
+        n_prop,
+        acc,
+        head_steps,
+        t1,
+    )
 
 
-def _tree_round(head, embed, lm_head, hcache, kv: TargetKV, nxt: torch.Tensor, pending: tuple,
-                num_drafts: int, tree: TreeSpec) -> _Round:
+def _tree_round(
+    head,
+    embed,
+    lm_head,
+    hcache,
+    kv: TargetKV,
+    nxt: torch.Tensor,
+    pending: tuple,
+    num_drafts: int,
+    tree: TreeSpec,
+) -> _Round:
     """Draft a tree, verify [x_n, nodes] under the tree mask, keep the agreeing path. A row's
-    ``proposed`` is the target's token at each depth its tree reaches, up to the first rejection
-    (so ``accept_by_slot`` counts the slot the drafts competed for)."""
+    ``proposed`` is the depth its tree reaches (its draft positions)."""
     device = nxt.device
     dt = draft_tree(head, embed, lm_head, hcache, *pending, num_drafts, tree)
     t1 = _clock(device)
@@ -288,7 +277,12 @@ def _tree_round(head, embed, lm_head, hcache, kv: TargetKV, nxt: torch.Tensor, p
     h_feats = feats.gather(1, path[..., None].expand(-1, -1, feats.shape[-1]))  # [B, K+1, H]
     h_pos = start[:, None] + torch.arange(num_drafts + 1, device=device)  # [B, K+1]
     acc, reach = accepted.tolist(), dt.depths.amax(dim=1).tolist()
-    path_tokens = h_ids.tolist()
-    return _Round(verified[rows, leaf], (h_ids, h_feats, h_pos, accepted + 1),
-                  [p[: a + 1] for p, a in zip(path_tokens, acc)],
-                  [p[:r] for p, r in zip(path_tokens, reach)], acc, dt.head_steps, t1)
+    return _Round(
+        verified[rows, leaf],
+        (h_ids, h_feats, h_pos, accepted + 1),
+        [p[: a + 1] for p, a in zip(h_ids.tolist(), acc)],
+        reach,
+        acc,
+        dt.head_steps,
+        t1,
+    )

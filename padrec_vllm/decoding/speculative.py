@@ -1,4 +1,4 @@
-"""One round of chain speculative decoding, as pure functions (DESIGN.md section 5).
+"""One round of chain speculative decoding, as pure functions (docs/DESIGN.md).
 
 Positions: the head's input at position p is (f_p, x_{p+1}) with position id p, as in vLLM.
 Step 1 runs over the verified positions the head has not seen yet (with the target's features);

@@ -12,8 +12,8 @@ Drafting (the EAGLE-2 dynamic tree): step 1 is the chain's pass over the verifie
 path), in one call, and scores each one's ``top_k`` children. After ``depth`` steps the ``nodes``
 best-scored candidates of every depth form the tree; a child never scores above its parent, so
 the tree is connected. A node at depth d is read by the head as step d + 1 (its step embedding),
-at position root + d, attending to the verified prefix and its own ancestors
-(``model.heads.TreeAttention``).
+at position root + d, attending to the verified prefix and its own ancestors (placed there
+through the drafter protocol: ``protocol.TreeDrafter``).
 
 Verifying: the target reads [x_n, node_1..node_N] with the tree mask (each input sees the prefix,
 its ancestors and itself) at position next + depth, and gives its greedy token after every
@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from padrec_vllm.model.heads import HeadCache, TreeAttention
+from padrec_vllm.decoding.protocol import TreeDraftCache, TreeDrafter
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,9 @@ class TreeSpec:
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.top_k < 1:
-            raise ValueError(f"tree needs nodes >= 1 and top_k >= 1, got {self.nodes}, {self.top_k}")
+            raise ValueError(
+                f"tree needs nodes >= 1 and top_k >= 1, got {self.nodes}, {self.top_k}"
+            )
         if not 0.0 <= self.min_prob < 1.0:
             raise ValueError(f"tree min_prob must be in [0, 1), got {self.min_prob}")
 
@@ -70,10 +72,10 @@ class DraftTree(NamedTuple):
 
 
 def draft_tree(
-    head: nn.Module,
+    head: TreeDrafter,
     embed: nn.Module,
     lm_head: nn.Module,
-    cache: HeadCache,
+    cache: TreeDraftCache,
     input_ids: torch.Tensor,
     features: torch.Tensor,
     position_ids: torch.Tensor,
@@ -84,8 +86,8 @@ def draft_tree(
     """Draft a tree of ``min(spec.nodes, candidates)`` nodes, at most ``depth`` deep.
 
     input_ids [B, T] (x_{p+1}), features [B, T, H] (f_p), position_ids [B, T] (p), counts [B]:
-    the pending verified inputs, as for ``speculative.draft_chain``. ``head`` must take a
-    ``tree=`` argument (``DraftHead`` does).
+    the pending verified inputs, as for ``speculative.draft_chain``. ``head`` must be a
+    ``TreeDrafter``.
     """
     b = input_ids.shape[0]
     rows = torch.arange(b, device=input_ids.device)  # [B]
@@ -100,16 +102,17 @@ def draft_tree(
     pool_parent = [torch.full_like(tok, -1)]  # pool index of the parent, -1 = root
     pool_depth = [torch.ones_like(tok)]
     frontier = torch.arange(k, device=tok.device).expand(b, k)  # [B, k] pool indices
-    f_tok, f_score, f_feat = tok, score, h_root.expand(b, k, h_root.shape[-1])  # [B,k], [B,k], [B,k,H]
+    # the frontier: tokens [B, k], path scores [B, k], input features [B, k, H]
+    f_tok, f_score, f_feat = tok, score, h_root.expand(b, k, h_root.shape[-1])
     scratch = k * max(depth - 1, 0)
-    keys, values = cache.scratch(scratch)  # [B, M, Hkv, D] each
+    nodes = cache.tree_scratch(scratch)  # M = scratch entries per row
     f_anc = torch.zeros(b, k, scratch, dtype=torch.bool, device=tok.device)  # [B, k, M]
     size = k
     for d in range(2, depth + 1):
         slots = torch.arange((d - 2) * k, (d - 1) * k, device=tok.device)  # [k]
         visible = f_anc.clone()
         visible[:, torch.arange(k, device=tok.device), slots] = True  # [B, k, M]
-        tree = TreeAttention(keys, values, slots, visible, root_pos + 1)
+        tree = nodes.at(slots, visible, root_pos + 1)
         pos = (root_pos + d - 1)[:, None].expand(b, k)  # [B, k]
         h = head(f_tok, f_feat, pos, step=d, embed=embed, cache=cache, tree=tree)  # [B, k, H]
         logp = head.logits(h, lm_head).float().log_softmax(-1)  # [B, k, V]
@@ -184,7 +187,8 @@ def path_indices(tree: DraftTree, leaf: torch.Tensor, width: int) -> torch.Tenso
     t = kept.shape[1]
     order = torch.where(kept, torch.arange(t, device=leaf.device), t)  # [B, N+1]
     if t < width:
-        order = torch.cat((order, order.new_full((order.shape[0], width - t), t)), dim=1)  # [B, width]
+        pad = order.new_full((order.shape[0], width - t), t)  # [B, width - N - 1]
+        order = torch.cat((order, pad), dim=1)  # [B, width]
     path = order.sort(dim=1).values[:, :width]  # [B, width]
     last = path.gather(1, (kept.sum(1, keepdim=True) - 1).clamp(max=width - 1))  # [B, 1]
     return torch.where(path < t, path, last)

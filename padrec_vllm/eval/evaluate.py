@@ -20,7 +20,9 @@ class EvalUsers:
     targets: tuple[int, ...]
 
 
-def sample_test_users(split: Split, catalog: Catalog, history: int, n: int | None, seed: int = 0) -> EvalUsers:
+def sample_test_users(
+    split: Split, catalog: Catalog, history: int, n: int | None, seed: int = 0
+) -> EvalUsers:
     """``n`` test users drawn with ``seed`` (all when n is None or larger than the test set)."""
     users = sorted(split.test)
     if n is not None and n < len(users):
@@ -34,19 +36,39 @@ def max_new_tokens(catalog: Catalog, list_len: int) -> int:
     return list_len * catalog.layout.tokens_per_item + 1
 
 
-def list_quality(catalog: Catalog, completions: list[list[int]], targets: tuple[int, ...]) -> ListMetrics:
+def list_quality(
+    catalog: Catalog, completions: list[list[int]], targets: tuple[int, ...]
+) -> ListMetrics:
     lists = [list(catalog.parse(c).items) for c in completions]
     return evaluate_lists(list(targets), lists, k=10)
 
 
-def evaluate_target(target, catalog: Catalog, split: Split, eval_users: EvalUsers, list_len: int,
-                    batch_size: int = 64) -> dict:
-    """Greedy lists of ``list_len`` items for ``eval_users``; metrics for the model and most-popular."""
+def evaluate_target(
+    target,
+    catalog: Catalog,
+    split: Split,
+    eval_users: EvalUsers,
+    list_len: int,
+    batch_size: int = 64,
+) -> dict:
+    """Greedy lists of ``list_len`` items for ``eval_users``; metrics for the model and for
+    most-popular."""
     from padrec_vllm.decoding import generate
 
-    results = generate(target, [list(p) for p in eval_users.prompts],
-                       max_new_tokens=max_new_tokens(catalog, list_len), eos_id=EOS_ID,
-                       batch_size=batch_size, progress="evaluate")
+    results = generate(
+        target,
+        [list(p) for p in eval_users.prompts],
+        max_new_tokens=max_new_tokens(catalog, list_len),
+        eos_id=EOS_ID,
+        batch_size=batch_size,
+        progress="evaluate",
+    )
     model = list_quality(catalog, [r.tokens for r in results], eval_users.targets)
-    pop = evaluate_lists(list(eval_users.targets), [most_popular(split.train, 10)] * len(eval_users.targets))
-    return {"users": len(eval_users.users), "target": model.as_dict(), "most_popular": pop.as_dict()}
+    pop = evaluate_lists(
+        list(eval_users.targets), [most_popular(split.train, 10)] * len(eval_users.targets)
+    )
+    return {
+        "users": len(eval_users.users),
+        "target": model.as_dict(),
+        "most_popular": pop.as_dict(),
+    }

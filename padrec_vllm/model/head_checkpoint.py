@@ -1,10 +1,10 @@
-"""Draft-head checkpoints: a directory vLLM 0.32 loads as an EAGLE-1 draft (DESIGN.md section 4).
+"""Draft-head checkpoints: a directory vLLM 0.32 loads as an EAGLE-1 draft (docs/DESIGN.md).
 
 ``config.json`` is a LlamaConfig dict in the target's space with ``num_hidden_layers: 1`` and
-``architectures``:
-- eagle:  ``["EagleLlamaForCausalLM"]`` — vLLM's registry name of its stock EAGLE-1 Llama draft
+``architectures`` = ``[config.ARCHITECTURES[kind]]``:
+- eagle:  ``EagleLlamaForCausalLM`` — vLLM's registry name of its stock EAGLE-1 Llama draft
   (``llama_eagle.EagleLlamaForCausalLM``; vLLM keeps names that already start with ``Eagle``);
-- padrec: ``["EaglePadRecLlamaForCausalLM"]`` — registered by our vLLM plugin.
+- padrec: ``PADREC_ARCHITECTURE`` — registered by our vLLM plugin.
 plus these fields (written for both kinds):
 - ``padrec_kind``: "eagle" | "padrec";
 - ``padrec_num_slots``, ``padrec_num_steps`` (K the head was trained for);
@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from padrec_vllm.model.heads import DraftHead, HeadConfig
+from padrec_vllm.model.config import ARCHITECTURES, HeadConfig
+from padrec_vllm.model.head import DraftHead
 from padrec_vllm.model.skinny_linear import use_skinny_linears
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-ARCHITECTURES = {"eagle": "EagleLlamaForCausalLM", "padrec": "EaglePadRecLlamaForCausalLM"}
 
 
 def head_config_dict(head: DraftHead) -> dict:

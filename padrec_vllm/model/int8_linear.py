@@ -1,31 +1,17 @@
-"""Int8 draft heads for CPU decoding.
+"""Int8 linear layers for CPU drafting (``decoding_head(..., int8=True)`` builds them).
 
-A CPU draft step is bound by reading the head's weights: about 8 MB of float32 at the bench
-preset, which no longer sit in cache after the target's verify forward has streamed its own. With
-int8 weights (symmetric, one scale per output channel) and activations quantized on the fly
-(``torch.ops.quantized.linear_dynamic``, fbgemm), the same layers read a quarter of the bytes.
-Only the draft changes: the target still verifies every draft in its own precision, so the
-output stays the target's greedy output; the head's acceptance may move slightly. Measured
-(docs/RESULTS.md): at bench width decoding is 5-9% faster than with the float head; at demo width
-(hidden 128, a head that sits in cache) it is slower, since quantizing activations costs more
-than the smaller reads save.
-
-``quantize_head(head, target)`` returns an inference-only copy of a ``DraftHead`` whose decoder
-layer linears are ``Int8Linear``, whose logits go through an int8 copy of the target's
-``lm_head``, and whose input projection is the CPU decoding fold (``heads.DraftHead._decode_tables``:
-``fc`` and the PAD-Rec terms as per-token tables plus one feature matrix) with that matrix in
-int8. The copy's parameters must not change afterwards: the int8 matrices are not recomputed.
+Weights symmetric int8 with one scale per output channel; activations quantized on the fly per
+call (``torch.ops.quantized.linear_dynamic``, fbgemm), so a layer reads a quarter of the bytes
+of its float32 weights. The matrices are packed once, at construction: later changes of the
+source ``nn.Linear`` are not seen.
 """
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import torch
 from torch import nn
-
-from padrec_vllm.model.heads import DraftHead
 
 
 class Int8Linear(nn.Module):
@@ -58,29 +44,3 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
-
-
-def quantize_head(head: DraftHead, target: nn.Module) -> DraftHead:
-    """An int8 copy of ``head`` for CPU drafting with ``target`` (module docstring); ``head`` is
-    left as it is.
-
-    Raises ValueError for a head that is not float32 on CPU (the int8 kernels are CPU-only and
-    read float32 activations).
-    """
-    p = head.fc.weight
-    if p.device.type != "cpu" or p.dtype != torch.float32:
-        raise ValueError(f"int8 drafting needs a float32 head on CPU, got {p.dtype} on {p.device}")
-    q = copy.deepcopy(head).eval()
-    for layer in q.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, Int8Linear(child))
-    q.draft_lm_head = Int8Linear(target.lm_head)
-    with torch.inference_mode():
-        tables = q._decode_tables(target.get_input_embeddings())
-    if tables is not None:  # the fold's feature matrix features_t [H, H'] as a linear H -> H'
-        fold = nn.Linear(*tables.features_t.shape, bias=False)
-        fold.weight.data = tables.features_t.t().contiguous()  # [H', H]
-        q.draft_feature_proj = Int8Linear(fold)
-    return q

@@ -1,20 +1,19 @@
 """Linear layers for CPU decoding, where a forward sees only a few rows (tokens x batch).
 
 On CPU, ``F.linear`` on a handful of rows goes through a GEMM that packs the weight first.
-Multiplying the other way round, ``W @ x^T``, streams the weight as it lies and was the faster of
-the two for 2..9 rows on our 2-core machines (cold cache, bench-preset shapes; at 12 rows
-``F.linear`` won, at 16 ``W @ x^T``: one interactive measurement). Same math, so
-outputs match ``F.linear`` up to float rounding. A bench-preset target forward over 5 new tokens
-now costs 1.38x one over a single token (``scripts/draft_costs.py``, docs/RESULTS.md).
+Multiplying the other way round, ``W @ x^T``, streams the weight as it lies, which was the faster
+of the two for a few rows on small CPU machines with cold caches (``scripts/draft_costs.py``
+measures a verify forward by width; docs/RESULTS.md). Same math, so outputs match ``F.linear`` up
+to float rounding.
 
 A single row is the worst case: every formulation of a one-row product (``F.linear``, ``mv``,
-``W @ x^T``) ran at about half the speed of a two-row ``W @ x^T`` on our 2-core machines, cold
-cache, bench-preset shapes (one layer's seven linears: 0.74-0.80 ms against 0.34 ms). So one row
-is padded with a zero row and the product's first column kept: a plain decoding step (and a
-one-token draft step) gets the two-row speed.
+``W @ x^T``) ran slower than a two-row ``W @ x^T``. So one row is padded with a zero row and the
+product's first column kept: a plain decoding step (and a one-token draft step) gets the two-row
+speed.
 
 ``use_skinny_linears(model)`` turns every plain ``nn.Linear`` of a model into a ``SkinnyLinear``
-in place (same parameters and state dict). Training, other devices and wide inputs keep ``F.linear``.
+in place (same parameters and state dict). Training, other devices and wide inputs keep
+``F.linear``.
 """
 
 from __future__ import annotations
@@ -31,7 +30,9 @@ class SkinnyLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if x.device.type != "cpu" or rows > MAX_ROWS or rows == 0 or torch.is_grad_enabled() or x.dtype != self.weight.dtype:
+        plain = (x.device.type != "cpu" or rows > MAX_ROWS or rows == 0
+                 or torch.is_grad_enabled() or x.dtype != self.weight.dtype)
+        if plain:
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, x.shape[-1])  # [N, in]
         if rows == 1:

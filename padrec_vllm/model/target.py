@@ -21,7 +21,8 @@ TARGET_DIR = "target"
 def target_config(preset: TargetPreset, layout: TokenLayout):
     from transformers import LlamaConfig
 
-    max_len = 2 + preset.history * layout.tokens_per_item + preset.list_len * layout.tokens_per_item + 1
+    per_item = layout.tokens_per_item
+    max_len = 2 + preset.history * per_item + preset.list_len * per_item + 1
     return LlamaConfig(
         vocab_size=layout.vocab_size,
         hidden_size=preset.hidden_size,

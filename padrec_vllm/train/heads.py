@@ -31,22 +31,23 @@ from tqdm.auto import tqdm
 from padrec_vllm.catalog.catalog import Catalog
 from padrec_vllm.catalog.tokens import EOS_ID, PAD_ID
 from padrec_vllm.decoding import generate
+from padrec_vllm.model.config import HEAD_VARIANTS, HeadConfig
+from padrec_vllm.model.head import DraftHead
 from padrec_vllm.model.head_checkpoint import save_head
-from padrec_vllm.model.heads import DraftHead, HeadConfig
 
 
 @dataclass(frozen=True)
 class HeadTrainConfig:
-    name: str  # variant name (eagle, padrec, padrec-no-item, ...)
-    kind: str  # "eagle" | "padrec"
+    name: str  # variant name (a key of model.config.HEAD_VARIANTS)
+    kind: str  # one of model.config.HEAD_KINDS
     num_steps: int  # K
     train_steps: int
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 50
     feature_weight: float = 1.0
-    # step k's loss weighs step_decay**(k-1), weights normalised (1 = equal). 0.5 gave +9-18% tau
-    # over equal weights on the demo targets (docs/RESULTS.md, "Training recipe")
+    # step k's loss weighs step_decay**(k-1), weights normalised (1 = equal); 0.5 against equal
+    # weights is compared in docs/RESULTS.md
     step_decay: float = 0.5
     use_item_emb: bool = True
     use_step_emb: bool = True
@@ -54,21 +55,13 @@ class HeadTrainConfig:
     seed: int = 0
 
 
-# name -> (kind, use_item_emb, use_step_emb, use_gate): the two heads and the three ablations
-HEAD_VARIANTS: dict[str, tuple[str, bool, bool, bool]] = {
-    "eagle": ("eagle", True, True, True),
-    "padrec": ("padrec", True, True, True),
-    "padrec-no-item": ("padrec", False, True, True),
-    "padrec-no-step": ("padrec", True, False, True),
-    "padrec-no-gate": ("padrec", True, True, False),
-}
-
-
-def variant_config(name: str, num_steps: int, train_steps: int, batch_size: int, seed: int) -> HeadTrainConfig:
-    """The training config of a named head variant; every variant gets the same budget."""
-    kind, item, step, gate = HEAD_VARIANTS[name]
-    return HeadTrainConfig(name=name, kind=kind, num_steps=num_steps, train_steps=train_steps, batch_size=batch_size,
-                           use_item_emb=item, use_step_emb=step, use_gate=gate, seed=seed)
+def variant_config(name: str, num_steps: int, train_steps: int, batch_size: int,
+                   seed: int) -> HeadTrainConfig:
+    """The training config of a named head variant (``HEAD_VARIANTS``); every variant gets the
+    same budget."""
+    v = HEAD_VARIANTS[name]
+    return HeadTrainConfig(name=name, kind=v.kind, num_steps=num_steps, train_steps=train_steps,
+                           batch_size=batch_size, seed=seed, **v.switches())
 
 
 @dataclass(frozen=True)
@@ -109,8 +102,8 @@ def distill_prompts(train: dict[int, list[int]], catalog: Catalog, history: int,
 def build_distill_set(target, prompts: list[list[int]], max_new_tokens: int, device: str,
                       batch_size: int = 64) -> DistillSet:
     """Greedy completions by the target, then its features over prompt + completion."""
-    results = generate(target, prompts, max_new_tokens=max_new_tokens, eos_id=EOS_ID, batch_size=batch_size,
-                       progress="self-distillation")
+    results = generate(target, prompts, max_new_tokens=max_new_tokens, eos_id=EOS_ID,
+                       batch_size=batch_size, progress="self-distillation")
     seqs = [torch.tensor(p + r.tokens) for p, r in zip(prompts, results)]
     feats: list[torch.Tensor] = []
     for start in tqdm(range(0, len(seqs), batch_size), desc="target features", unit="batch"):
@@ -120,7 +113,8 @@ def build_distill_set(target, prompts: list[list[int]], max_new_tokens: int, dev
         mask = torch.zeros_like(ids)
         for r, s in enumerate(chunk):
             ids[r, : len(s)], mask[r, : len(s)] = s, 1
-        hidden = target.model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state  # [B, T, H]
+        out = target.model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        hidden = out.last_hidden_state  # [B, T, H]
         feats += [hidden[r, : len(s)].float().cpu() for r, s in enumerate(chunk)]
     return DistillSet(tokens=seqs, features=feats, prompt_lens=[len(p) for p in prompts])
 
@@ -158,9 +152,11 @@ def unrolled_loss(head: DraftHead, target, ids, feats, loss_mask, pad_mask, num_
         h = head(next_ids, inp, pos, step=k, embed=embed, attention_mask=pad_mask)  # [B, T, H]
         logits = lm_head(h)  # [B, T, V]
         m = mask.float()
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view(b, t)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
+        ce = ce.view(b, t)  # [B, T]
         reg = F.smooth_l1_loss(h.float(), feat_target, reduction="none").mean(-1)  # [B, T]
-        total = total + step_decay ** (k - 1) * ((ce + feature_weight * reg) * m).sum() / m.sum().clamp(min=1)
+        weighted = step_decay ** (k - 1) * ((ce + feature_weight * reg) * m).sum()
+        total = total + weighted / m.sum().clamp(min=1)
         if k == 1:
             acc = float(((logits.argmax(-1) == labels).float() * m).sum() / m.sum().clamp(min=1))
         inp = torch.cat([feats[:, :1], h[:, :-1]], 1)  # [B, T, H]: step k+1 reads h^k_{p-1}
@@ -181,10 +177,12 @@ def train_head(target, catalog: Catalog, data: DistillSet, cfg: HeadTrainConfig,
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
     rng = random.Random(cfg.seed)
     order: list[int] = []
-    autocast = torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     t0 = time.perf_counter()
     loss_ema, acc_ema = float("nan"), float("nan")
-    bar = tqdm(range(cfg.train_steps), desc=f"train {cfg.name} head", unit="step", disable=not progress)
+    bar = tqdm(range(cfg.train_steps), desc=f"train {cfg.name} head", unit="step",
+               disable=not progress)
     for step in bar:
         if len(order) < cfg.batch_size:
             fresh = list(range(len(data.tokens)))
@@ -196,8 +194,8 @@ def train_head(target, catalog: Catalog, data: DistillSet, cfg: HeadTrainConfig,
         for g in opt.param_groups:
             g["lr"] = cfg.lr * warm * decay
         with autocast:
-            loss, acc = unrolled_loss(head, target, *distill_batch(data, idx, device), cfg.num_steps, cfg.feature_weight,
-                                      cfg.step_decay)
+            loss, acc = unrolled_loss(head, target, *distill_batch(data, idx, device),
+                                      cfg.num_steps, cfg.feature_weight, cfg.step_decay)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -208,5 +206,5 @@ def train_head(target, catalog: Catalog, data: DistillSet, cfg: HeadTrainConfig,
         bar.set_postfix(loss=f"{loss_ema:.3f}", top1=f"{acc_ema:.3f}", refresh=False)
     head.eval()
     save_head(head.cpu(), out_dir)
-    return HeadTrainReport(cfg.name, cfg.train_steps, time.perf_counter() - t0, loss_ema, acc_ema, cfg.num_steps,
-                           cfg.step_decay)
+    return HeadTrainReport(cfg.name, cfg.train_steps, time.perf_counter() - t0, loss_ema, acc_ema,
+                           cfg.num_steps, cfg.step_decay)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from padrec_vllm.data.examples import Example, collate, length_bucketed_batches
+from padrec_vllm.train.examples import Example, collate, length_bucketed_batches
 from padrec_vllm.presets import TargetPreset
 
 STATE_FILE = "train_state.pt"
@@ -49,9 +49,17 @@ def _batches(examples: list[Example], preset: TargetPreset, seed: int):
         yield from length_bucketed_batches(examples, preset.batch_size, rng)
 
 
-def train_target(model, examples: list[Example], preset: TargetPreset, out_dir: Path,
-                 device: str = "cpu", ckpt_every: int = 200, save_dtype: torch.dtype | None = None,
-                 progress: bool = True, time_budget_s: float | None = None) -> TrainReport:
+def train_target(
+    model,
+    examples: list[Example],
+    preset: TargetPreset,
+    out_dir: Path,
+    device: str = "cpu",
+    ckpt_every: int = 200,
+    save_dtype: torch.dtype | None = None,
+    progress: bool = True,
+    time_budget_s: float | None = None,
+) -> TrainReport:
     """Train ``model`` in place for ``preset.max_steps`` steps and save it to ``out_dir``.
 
     With ``time_budget_s``, training stops early once that much wall time has passed (the
@@ -62,8 +70,14 @@ def train_target(model, examples: list[Example], preset: TargetPreset, out_dir: 
     model.to(device).train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": preset.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=preset.lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": preset.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=preset.lr,
+        betas=(0.9, 0.98),
+    )
     start, tokens, elapsed = 0, 0, 0.0
     state_path = out_dir / STATE_FILE
     if state_path.exists():
@@ -74,11 +88,19 @@ def train_target(model, examples: list[Example], preset: TargetPreset, out_dir: 
     stream = _batches(examples, preset, preset.seed)
     for _ in range(start):  # replay the data order so a resumed run sees the same batches
         next(stream)
-    autocast = torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
+    autocast = torch.autocast(
+        device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16
+    )
     t0 = time.perf_counter() - elapsed
     loss_ema = float("nan")
-    bar = tqdm(range(start, preset.max_steps), desc="train target", unit="step", disable=not progress,
-               initial=start, total=preset.max_steps)
+    bar = tqdm(
+        range(start, preset.max_steps),
+        desc="train target",
+        unit="step",
+        disable=not progress,
+        initial=start,
+        total=preset.max_steps,
+    )
     done = start
     for step in bar:
         if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
@@ -98,11 +120,21 @@ def train_target(model, examples: list[Example], preset: TargetPreset, out_dir: 
         loss_ema = val if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * val
         bar.set_postfix(loss=f"{loss_ema:.3f}", refresh=False)
         if (step + 1) % ckpt_every == 0 and step + 1 < preset.max_steps:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                        "tokens": tokens, "elapsed": time.perf_counter() - t0}, state_path)
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step + 1,
+                    "tokens": tokens,
+                    "elapsed": time.perf_counter() - t0,
+                },
+                state_path,
+            )
     seconds = time.perf_counter() - t0
     model.eval()
     to_save = model if save_dtype is None else model.to(save_dtype)
     to_save.save_pretrained(str(out_dir), max_shard_size="15MB")
     state_path.unlink(missing_ok=True)
-    return TrainReport(steps=done, tokens=tokens, seconds=seconds, final_loss=loss_ema, device=device)
+    return TrainReport(
+        steps=done, tokens=tokens, seconds=seconds, final_loss=loss_ema, device=device
+    )

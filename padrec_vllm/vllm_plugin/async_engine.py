@@ -1,4 +1,4 @@
-"""vLLM's ``AsyncLLM`` behind ``padrec_vllm.engine_api.Engine`` (the server's vLLM engine).
+"""vLLM's ``AsyncLLM`` behind ``padrec_vllm.engines.Engine`` (the server's vLLM engine).
 
 One in-process ``AsyncLLM`` (its engine core runs in a child process vLLM spawns), the draft head
 as vLLM's EAGLE speculator: ``speculative_config={"method": "eagle", "model": <head dir>,
@@ -8,7 +8,7 @@ through this package's plugin entry point, an eagle head to vLLM's stock EAGLE-1
 Per-request figures come from vLLM itself: ``per_request_spec_decode_metrics="detailed"`` gives
 every verify round's accepted / proposed drafts (``CompletionOutput.spec_decode_metrics``), and
 ``RequestOutput.metrics`` the engine-core timestamps (queued, scheduled, first and last token).
-Acceptance by item slot is derived from them (``engine_api.generation_from_rounds``).
+They are replayed into the one accounting (``decoding.accounting.result_from_rounds``).
 
 Calibration (``start``): vLLM cannot switch speculation off per request, so a second engine
 without a speculative config decodes the calibration prompts first and is shut down before the
@@ -22,16 +22,10 @@ import os
 import time
 import uuid
 
-from padrec_vllm.catalog.tokens import EOS_ID
-from padrec_vllm.engine_api import (
-    Calibration,
-    EngineConfig,
-    EngineError,
-    Generation,
-    calibration_of,
-    generation_from_rounds,
-    load_slot_table,
-)
+from padrec_vllm.catalog.catalog import LAYOUT_FILE
+from padrec_vllm.catalog.tokens import EOS_ID, TokenLayout
+from padrec_vllm.decoding.accounting import RequestResult, result_from_rounds
+from padrec_vllm.engines import Calibration, EngineError, VllmEngineConfig, calibration_of
 
 
 CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30  # without PADREC_VLLM_KV_CACHE_GIB or VLLM_CPU_KVCACHE_SPACE
@@ -40,15 +34,15 @@ CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30  # without PADREC_VLLM_KV_CACHE_GIB or VLLM
 class VllmEngine:
     name = "vllm"
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: VllmEngineConfig):
         self.config = config
         self._engine = None
-        self._k = 0
+        self._num_drafts = 0
         self._slots: list[int] | None = None
 
     @property
     def num_draft_tokens(self) -> int:
-        return self._k
+        return self._num_drafts
 
     @property
     def max_model_len(self) -> int:
@@ -57,10 +51,10 @@ class VllmEngine:
     async def start(
         self, warmup_prompts: list[list[int]], max_new_tokens: int, calibrate: bool = True
     ) -> Calibration | None:
-        self._slots = load_slot_table(self.config.artifacts)
-        self._k = self.config.draft_tokens()
-        calibrate = calibrate and self._k > 0 and bool(warmup_prompts)
-        plain: list[Generation] = []
+        self._slots = TokenLayout.load(self.config.paths.root / LAYOUT_FILE).slot_table()
+        self._num_drafts = self.config.draft_tokens()
+        calibrate = calibrate and self._num_drafts > 0 and bool(warmup_prompts)
+        plain: list[RequestResult] = []
         plain_s = 0.0
         if calibrate:
             engine = await asyncio.to_thread(self._build, False)
@@ -72,14 +66,14 @@ class VllmEngine:
             finally:
                 _shutdown(engine)
                 del engine
-        self._engine = await asyncio.to_thread(self._build, self._k > 0)
+        self._engine = await asyncio.to_thread(self._build, self._num_drafts > 0)
         if not warmup_prompts:
             return None
-        await self._run(self._engine, warmup_prompts[:2], max_new_tokens, self._k)
+        await self._run(self._engine, warmup_prompts[:2], max_new_tokens, self._num_drafts)
         if not calibrate:
             return None
         t0 = time.perf_counter()
-        spec = await self._run(self._engine, warmup_prompts, max_new_tokens, self._k)
+        spec = await self._run(self._engine, warmup_prompts, max_new_tokens, self._num_drafts)
         rows = min(len(warmup_prompts), self.config.max_batch_size)  # all in flight at once
         return calibration_of(plain, spec, plain_s, time.perf_counter() - t0, rows)
 
@@ -93,41 +87,42 @@ class VllmEngine:
             "dtype": c.dtype,
             "seed": 0,
             "max_num_seqs": c.max_batch_size,
-            "enforce_eager": c.vllm_enforce_eager,
+            "enforce_eager": c.enforce_eager,
             "disable_log_stats": False,  # per-request timestamps and vllm:* metrics
         }
-        if c.vllm_kv_cache_bytes is not None:
-            fields["kv_cache_memory_bytes"] = c.vllm_kv_cache_bytes
+        if c.kv_cache_bytes is not None:
+            fields["kv_cache_memory_bytes"] = c.kv_cache_bytes
         elif c.device == "cpu" and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-            # vLLM's CPU default claims ~92% of the NUMA node's memory and fails to start on a
+            # vLLM's CPU default claims most of the NUMA node's memory and fails to start on a
             # shared machine; recommendation prompts are short, 1 GiB holds thousands of them.
             fields["kv_cache_memory_bytes"] = CPU_DEFAULT_KV_CACHE_BYTES
         if speculative:
             fields["speculative_config"] = {
                 "method": "eagle",
                 "model": str(c.head_dir),
-                "num_speculative_tokens": self._k,
+                "num_speculative_tokens": self._num_drafts,
             }
             fields["per_request_spec_decode_metrics"] = "detailed"
-        fields.update(c.vllm_args)
+        fields.update(c.extra_args)
         try:
             return AsyncLLM.from_engine_args(AsyncEngineArgs(**fields))
         except Exception as exc:  # any start failure means "not running"
             raise EngineError(f"vLLM failed to start on {c.artifacts}: {exc}") from exc
 
     async def _run(
-        self, engine, prompts: list[list[int]], max_new_tokens: int, k: int
-    ) -> list[Generation]:
-        return list(
-            await asyncio.gather(*(self._one(engine, p, max_new_tokens, k) for p in prompts))
-        )
+        self, engine, prompts: list[list[int]], max_new_tokens: int, num_drafts: int
+    ) -> list[RequestResult]:
+        calls = (self._one(engine, p, max_new_tokens, num_drafts) for p in prompts)
+        return list(await asyncio.gather(*calls))
 
-    async def generate(self, prompt: list[int], max_new_tokens: int) -> Generation:
+    async def generate(self, prompt: list[int], max_new_tokens: int) -> RequestResult:
         if self._engine is None:
             raise EngineError("vLLM engine is not running")
-        return await self._one(self._engine, prompt, max_new_tokens, self._k)
+        return await self._one(self._engine, prompt, max_new_tokens, self._num_drafts)
 
-    async def _one(self, engine, prompt: list[int], max_new_tokens: int, k: int) -> Generation:
+    async def _one(
+        self, engine, prompt: list[int], max_new_tokens: int, num_drafts: int
+    ) -> RequestResult:
         from vllm import SamplingParams, TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
@@ -152,7 +147,7 @@ class VllmEngine:
         wall = time.perf_counter() - t0
         if final is None or not final.outputs:
             raise EngineError("vLLM returned no output")
-        return _generation(final, k, self._slots, wall)
+        return _result(final, num_drafts, self._slots, wall)
 
     async def close(self) -> None:
         if self._engine is not None:
@@ -178,9 +173,9 @@ def _shutdown(engine) -> None:
     engine.shutdown = lambda *args, **kwargs: None
 
 
-def _generation(final, k: int, slots: list[int] | None, wall_s: float) -> Generation:
+def _result(final, num_drafts: int, slots: list[int] | None, wall_s: float) -> RequestResult:
+    """One vLLM ``RequestOutput`` and its per-round speculative metrics -> ``RequestResult``."""
     out = final.outputs[0]
-    tokens = list(out.token_ids)
     m = final.metrics
     if m is not None and m.first_token_ts:
         queue_s = max(m.scheduled_ts - m.queued_ts, 0.0)
@@ -189,18 +184,9 @@ def _generation(final, k: int, slots: list[int] | None, wall_s: float) -> Genera
     else:  # no engine timestamps: the whole wall time counts as decoding
         queue_s, prefill_s, decode_s = 0.0, 0.0, wall_s
     sd = out.spec_decode_metrics
-    if k and sd is not None:
-        accepted, drafted = list(sd.per_step_accepted), list(sd.per_step_drafted)
-    else:
-        accepted, drafted = [0] * max(len(tokens) - 1, 0), [0] * max(len(tokens) - 1, 0)
-    gen = generation_from_rounds(
-        tokens,
-        accepted,
-        drafted,
-        k,
-        slots if k else None,
-        queue_s=queue_s,
-        prefill_s=prefill_s,
-        decode_s=decode_s,
-    )
-    return gen
+    rounds = num_drafts and sd is not None
+    accepted = list(sd.per_step_accepted) if rounds else []
+    proposed = list(sd.per_step_drafted) if rounds else []
+    return result_from_rounds(list(out.token_ids), accepted, proposed, num_drafts,
+                              slots if num_drafts else None,
+                              queue_s=queue_s, prefill_s=prefill_s, decode_s=decode_s)

@@ -1,7 +1,7 @@
-"""``padrec bench --engine vllm``: the methods of ``padrec_vllm.bench`` on vLLM's own engine.
+"""``padrec bench --engine vllm``: the bench methods on vLLM's own engine.
 
-Same JSON as the reference engine's bench (``padrec_vllm.bench`` module docstring). Methods:
-``ar`` (no speculation), ``ngram`` (vLLM's prompt lookup, ``NGRAM``), and any trained head under
+Same JSON as the reference engine's bench (``padrec_vllm.bench.report``). Methods: ``ar`` (no
+speculation), ``ngram`` (vLLM's prompt lookup, ``NGRAM``), and any trained head under
 ``heads/<name>`` (``eagle``, ``padrec``) through ``speculative_config={"method": "eagle", ...}``.
 
 How it runs: one engine per method, built in turn in this process and shut down before the next
@@ -12,15 +12,9 @@ time, one ``LLM.generate`` call per batch (``max_num_seqs = batch_size``); a req
 
 Where the figures come from: tokens from the outputs; rounds and acceptance from vLLM's
 per-request speculative metrics (``per_request_spec_decode_metrics="detailed"``: accepted and
-drafted counts for every verify step of a request). tau = decode tokens / target forwards after
-prefill; a forward without drafts (ngram found no match) is not recorded by vLLM and is counted as
-emitting one token. ``accept_by_slot`` walks each request's outputs with its per-step counts: the
-j-th draft of a step sits at a known output position, and its slot is the slot of the output token
-there: exact for accepted drafts; for the first rejected draft it is the slot of the target's
-token at that position (the reference bench uses the drafted token's own slot; they differ only
-when a draft breaks the SID grammar). Requests whose steps cannot be aligned with the outputs
-(ngram steps without drafts) are left out of ``accept_by_slot`` only. ``head_forward_ms`` is None:
-vLLM does not time its draft model apart.
+proposed counts for every verify round of a request), replayed into the one accounting
+(``decoding.accounting.result_from_rounds``). ``head_forward_ms`` is None: vLLM does not time its
+draft model apart.
 """
 
 from __future__ import annotations
@@ -34,7 +28,7 @@ from tqdm.auto import tqdm
 from padrec_vllm.artifacts import ArtifactPaths
 from padrec_vllm.bench import BenchConfig, MethodRun, bench_result, bench_setup
 from padrec_vllm.catalog.tokens import EOS_ID
-from padrec_vllm.decoding import RequestResult
+from padrec_vllm.decoding import result_from_rounds
 
 NGRAM = {"prompt_lookup_min": 2, "prompt_lookup_max": 4}  # an item is a few tokens long
 
@@ -47,47 +41,32 @@ def speculative_config(name: str, paths: ArtifactPaths, k: int) -> dict | None:
     return {"method": "eagle", "model": str(paths.head(name)), "num_speculative_tokens": k}
 
 
-def request_result(tokens: list[int], metrics, k: int, slots: list[int] | None) -> RequestResult:
-    """A reference-engine ``RequestResult`` from one vLLM output and its per-step metrics."""
-    decoded = max(len(tokens) - 1, 0)
-    accepted = list(getattr(metrics, "per_step_accepted", None) or [])
-    drafted = list(getattr(metrics, "per_step_drafted", None) or [])
-    by_pos = [[0, 0] for _ in range(k if metrics is not None else 0)]
-    by_slot: dict[int, list[int]] = {}
-    for a, d in zip(accepted, drafted):
-        for j in range(min(d, len(by_pos))):
-            by_pos[j][1] += 1
-            by_pos[j][0] += j < a
-    covered = sum(a + 1 for a in accepted)  # tokens emitted by the recorded steps
-    forwards = len(accepted) + max(decoded - covered, 0)  # + forwards without drafts
-    if slots is not None and covered >= decoded:  # every forward recorded: steps align
-        c = 0  # output index of the last token before the step
-        for a, d in zip(accepted, drafted):
-            for j in range(min(a + 1, d)):
-                if c + 1 + j < len(tokens):
-                    acc_prop = by_slot.setdefault(slots[tokens[c + 1 + j]], [0, 0])
-                    acc_prop[0] += j < a
-                    acc_prop[1] += 1
-            c += a + 1
-    return RequestResult(
-        tokens=list(tokens), tau=decoded / forwards if forwards else 0.0,
-        accept_by_pos=[(a, p) for a, p in by_pos],
-        accept_by_slot={s: (a, p) for s, (a, p) in sorted(by_slot.items())},
-        target_forwards=forwards, draft_forwards=sum(drafted),
-        prefill_s=0.0, draft_s=0.0, verify_s=0.0,
-    )
-
-
-def run_method(target: Path, spec: dict | None, prompts: list[list[int]], *, batch_size: int,
-               limit: int, k: int, slots: list[int] | None, enforce_eager: bool) -> MethodRun:
+def run_method(
+    target: Path,
+    spec: dict | None,
+    prompts: list[list[int]],
+    *,
+    batch_size: int,
+    limit: int,
+    k: int,
+    slots: list[int] | None,
+    enforce_eager: bool,
+) -> MethodRun:
     """One engine: warm-up batch (excluded), then every prompt, ``batch_size`` per call."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # vLLM's CPU default takes most RAM
     extra = {"per_request_spec_decode_metrics": "detailed"} if spec is not None else {}
-    llm = LLM(model=str(target), speculative_config=spec, dtype="float32", seed=0,
-              max_num_seqs=batch_size, enforce_eager=enforce_eager, **extra)
+    llm = LLM(
+        model=str(target),
+        speculative_config=spec,
+        dtype="float32",
+        seed=0,
+        max_num_seqs=batch_size,
+        enforce_eager=enforce_eager,
+        **extra,
+    )
     try:
         params = SamplingParams(temperature=0, max_tokens=limit, stop_token_ids=[EOS_ID])
 
@@ -97,8 +76,16 @@ def run_method(target: Path, spec: dict | None, prompts: list[list[int]], *, bat
 
         call(prompts[:batch_size])  # warm-up
         results, latency, wall = [], [], 0.0
-        label = "ar" if spec is None else Path(spec["model"]).name if "model" in spec else spec["method"]
-        for start in tqdm(range(0, len(prompts), batch_size), desc=f"vllm bench {label}", unit="batch"):
+        label = (
+            "ar"
+            if spec is None
+            else Path(spec["model"]).name
+            if "model" in spec
+            else spec["method"]
+        )
+        for start in tqdm(
+            range(0, len(prompts), batch_size), desc=f"vllm bench {label}", unit="batch"
+        ):
             chunk = prompts[start : start + batch_size]
             t0 = time.perf_counter()
             outs = call(chunk)
@@ -107,8 +94,14 @@ def run_method(target: Path, spec: dict | None, prompts: list[list[int]], *, bat
             latency += [1000 * secs] * len(chunk)
             for o in outs:
                 c = o.outputs[0]
-                metrics = c.spec_decode_metrics if spec is not None else None
-                results.append(request_result(list(c.token_ids), metrics, k, slots))
+                m = c.spec_decode_metrics if spec is not None else None
+                accepted = list(getattr(m, "per_step_accepted", None) or [])
+                proposed = list(getattr(m, "per_step_drafted", None) or [])
+                results.append(
+                    result_from_rounds(
+                        list(c.token_ids), accepted, proposed, k if spec is not None else 0, slots
+                    )
+                )
         return MethodRun(results, wall, latency)
     finally:
         llm.llm_engine.engine_core.shutdown()
@@ -122,11 +115,19 @@ def run_vllm_bench(cfg: BenchConfig, *, enforce_eager: bool = False) -> dict:
 
     register()  # the padrec head's architecture, in this process too
     slots = setup.catalog.layout.slot_table()
+    k = setup.num_draft_tokens
     names = list(dict.fromkeys(["ar", *cfg.methods]))
     runs = {
-        name: run_method(setup.paths.target, speculative_config(name, setup.paths, setup.k), setup.prompts,
-                         batch_size=cfg.batch_size, limit=setup.limit, k=setup.k, slots=slots,
-                         enforce_eager=enforce_eager)
+        name: run_method(
+            setup.paths.target,
+            speculative_config(name, setup.paths, k),
+            setup.prompts,
+            batch_size=cfg.batch_size,
+            limit=setup.limit,
+            k=k,
+            slots=slots,
+            enforce_eager=enforce_eager,
+        )
         for name in names
     }
     # vLLM does not time its drafter apart: no head_forward_ms

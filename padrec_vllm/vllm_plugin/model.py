@@ -1,8 +1,8 @@
-"""PAD-Rec draft head as a vLLM 0.32 EAGLE-1 model (DESIGN.md sections 4 and 6).
+"""PAD-Rec draft head as a vLLM 0.32 EAGLE-1 model (docs/DESIGN.md).
 
 Subclasses vLLM's ``llama_eagle`` EAGLE-1 Llama draft (upstream
 https://github.com/vllm-project/vllm/blob/v0.32.0/vllm/model_executor/models/llama_eagle.py) and
-adds, between ``fc`` and the decoder layer, the PAD-Rec terms of ``padrec_vllm.model.heads``::
+adds, between ``fc`` and the decoder layer, the PAD-Rec terms of ``padrec_vllm.model.head``::
 
     u = fc([emb(x_{p+1}); f_p])                               # stock EAGLE-1
     u = u + alpha * item_emb[slot_of_token[x_{p+1}]]          # item position
@@ -35,7 +35,7 @@ from vllm.model_executor.models.utils import (
     process_eagle_weight,
 )
 
-ARCHITECTURE = "EaglePadRecLlamaForCausalLM"
+from padrec_vllm.model.config import PADREC_ARCHITECTURE
 
 # checkpoint name -> vLLM name; the stacked q/k/v and gate/up renames are the inner model's
 # (``LlamaModel.hf_to_vllm_mapper``); the shared target's ``lm_head`` keeps its name.
@@ -55,7 +55,7 @@ class PadRecSettings:
             return getattr(config, name)
 
         if field("padrec_kind") != "padrec":
-            raise ValueError(f"{ARCHITECTURE} needs padrec_kind 'padrec', "
+            raise ValueError(f"{PADREC_ARCHITECTURE} needs padrec_kind 'padrec', "
                              f"got {config.padrec_kind!r}")
         self.num_slots = int(field("padrec_num_slots"))
         self.num_steps = int(field("padrec_num_steps"))

@@ -29,8 +29,14 @@ class Example:
         return len(self.prompt) + len(self.completion)
 
 
-def list_examples(train: dict[int, list[int]], catalog: Catalog, history: int, list_len: int,
-                  max_users: int | None = None, seed: int = 0) -> list[Example]:
+def list_examples(
+    train: dict[int, list[int]],
+    catalog: Catalog,
+    history: int,
+    list_len: int,
+    max_users: int | None = None,
+    seed: int = 0,
+) -> list[Example]:
     users = sorted(train)
     if max_users is not None and max_users < len(users):
         users = sorted(random.Random(seed).sample(users, max_users))
@@ -39,15 +45,20 @@ def list_examples(train: dict[int, list[int]], catalog: Catalog, history: int, l
         seq = train[user]
         for t in range(1, len(seq)):
             target = seq[t : t + list_len]
-            out.append(Example(
-                prompt=tuple(catalog.prompt_ids(seq[:t], history)),
-                completion=tuple(catalog.completion_ids(target, finished=len(target) == list_len)),
-            ))
+            out.append(
+                Example(
+                    prompt=tuple(catalog.prompt_ids(seq[:t], history)),
+                    completion=tuple(
+                        catalog.completion_ids(target, finished=len(target) == list_len)
+                    ),
+                )
+            )
     return out
 
 
 def collate(batch: list[Example]) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids`` / ``attention_mask`` / ``labels`` [B, T]; labels mask prompt and pad."""
+    """Right-padded ``input_ids`` / ``attention_mask`` / ``labels`` [B, T]; labels mask prompt and
+    pad."""
     width = max(len(e) for e in batch)
     ids = torch.full((len(batch), width), PAD_ID, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -60,7 +71,9 @@ def collate(batch: list[Example]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def length_bucketed_batches(examples: list[Example], batch_size: int, rng: random.Random) -> list[list[Example]]:
+def length_bucketed_batches(
+    examples: list[Example], batch_size: int, rng: random.Random
+) -> list[list[Example]]:
     """Shuffled batches of similar length (less padding): sort within chunks of 50 batches."""
     order = examples[:]
     rng.shuffle(order)

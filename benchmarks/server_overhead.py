@@ -1,8 +1,8 @@
 """Server overhead: the time a /recommend call spends outside the engine.
 
-Starts the real app under uvicorn on 127.0.0.1 in a child process (as deployed), sends
-``--requests`` sequential POST /recommend calls over HTTP (httpx, keep-alive) and reports, per
-request:
+Starts the real app under uvicorn on 127.0.0.1 in a child process (as deployed; the one
+local-server helper, ``benchmarks.local_server``), sends ``--requests`` sequential POST
+/recommend calls over HTTP (httpx, keep-alive) and reports, per request:
 
 - ``round trip``: what the client measured (send to last byte);
 - ``engine``: the wall time the server spent awaiting the engine (``latency_ms.engine``);
@@ -16,18 +16,25 @@ request:
 ``--engine null`` swaps the engine for one that answers instantly with a fixed list: then all
 of the round trip is overhead, without the engine competing for the CPU.
 
-    python -m server.bench_overhead --artifacts artifacts/demo-Beauty [--engine reference]
+    python -m benchmarks.server_overhead --artifacts artifacts/demo-Beauty [--engine reference]
+
+Needs the dev extra (httpx); run it from the repository root.
 """
 
 from __future__ import annotations
 
 import argparse
-import socket
+import json
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.local_server import local_server
+
 TARGET_P50_MS = 2.0
+ENGINES = ("reference", "vllm", "null")
 
 
 class NullEngine:
@@ -39,7 +46,7 @@ class NullEngine:
 
     def __init__(self, settings):
         from padrec_vllm.catalog.catalog import Catalog
-        from padrec_vllm.engine_api import EngineConfig
+        from padrec_vllm.engines import EngineConfig
 
         self.config = EngineConfig(artifacts=settings.artifacts, head=None)
         catalog = Catalog.load(settings.artifacts)
@@ -49,14 +56,11 @@ class NullEngine:
         return None
 
     async def generate(self, prompt, max_new_tokens):
-        from padrec_vllm.engine_api import Generation
+        from padrec_vllm.engines import RequestResult
 
-        return Generation(
-            tokens=self.tokens,
-            queue_s=0.0,
-            prefill_s=0.0,
-            decode_s=0.0,
-            target_forwards=len(self.tokens) - 1,
+        forwards = len(self.tokens) - 1
+        return RequestResult(
+            tokens=self.tokens, target_forwards=forwards, plain_forwards=forwards
         )
 
     async def close(self):
@@ -69,13 +73,7 @@ class NullEngine:
         return b""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pct(values: list[float], q: float) -> float:
+def _pct(values: list[float], q: int) -> float:
     return (
         statistics.quantiles(values, n=100, method="inclusive")[q - 1]
         if len(values) > 1
@@ -83,15 +81,16 @@ def _pct(values: list[float], q: float) -> float:
     )
 
 
-def _serve(settings_kwargs: dict, engine: str) -> None:
-    """Child process: the app under uvicorn, as ``padrec serve`` runs it."""
+def serve(engine: str) -> None:
+    """Child process: the app under uvicorn, as ``padrec serve`` runs it, settings from
+    ``PADREC_*``, without access logs; ``engine`` null swaps in ``NullEngine``."""
     import uvicorn
 
     from server.app import create_app
     from server.engines import build_engine
     from server.settings import Settings
 
-    settings = Settings(**settings_kwargs)
+    settings = Settings()
     factory = NullEngine if engine == "null" else build_engine
     uvicorn.run(
         create_app(settings, engine_factory=factory),
@@ -102,61 +101,57 @@ def _serve(settings_kwargs: dict, engine: str) -> None:
     )
 
 
-def run(
-    artifacts: Path, engine: str, requests: int, k: int, history: int, warmup: int = 20, **overrides
-) -> dict[str, float]:
-    """Serve in a child process (so the client does not share the server's CPU time and GIL)."""
-    import multiprocessing
+def _setting(value) -> str:
+    """A ``Settings`` value as its ``PADREC_*`` environment string."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, dict) else str(value)
 
+
+def run(
+    artifacts: Path,
+    engine: str,
+    requests: int,
+    k: int,
+    history: int,
+    warmup: int = 20,
+    log_path: Path | None = None,
+    **overrides,
+) -> dict[str, float]:
+    """Serve in a child process (so the client does not share the server's CPU time and GIL);
+    ``overrides`` are server settings (``speculative=False``, ...)."""
     import httpx
 
     from padrec_vllm.catalog.catalog import Catalog
 
-    port = _free_port()
-    kwargs = dict(
-        artifacts=str(artifacts),
-        engine="reference" if engine == "null" else engine,
-        calibration_requests=0,
-        host="127.0.0.1",
-        port=port,
+    settings = {
+        "engine": "reference" if engine == "null" else engine,
+        "calibration_requests": 0,
         **overrides,
-    )
-    child = multiprocessing.get_context("spawn").Process(target=_serve, args=(kwargs, engine))
-    child.start()
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            deadline = time.monotonic() + 900
-            while True:
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline or not child.is_alive():
-                    raise RuntimeError("server did not become ready")
-                time.sleep(0.2)
-            items = sorted(Catalog.load(artifacts).item_to_sid)
-            rtt, eng, handler, app = [], [], [], []
-            for i in range(warmup + requests):
-                body = {
-                    "history": [items[(i * 7 + j) % len(items)] for j in range(history)],
-                    "k": k,
-                }
-                t0 = time.perf_counter()
-                r = client.post("/recommend", json=body)
-                t1 = time.perf_counter()
-                r.raise_for_status()
-                if i < warmup:
-                    continue
-                lat = r.json()["latency_ms"]
-                rtt.append((t1 - t0) * 1e3)
-                eng.append(lat["engine"])
-                handler.append(lat["total"] - lat["engine"])
-                app_ms = float(r.headers["server-timing"].split("dur=")[1])
-                app.append(app_ms - lat["engine"])
-    finally:
-        child.terminate()
-        child.join(timeout=120)
+    }
+    env = {f"PADREC_{name.upper()}": _setting(v) for name, v in settings.items()}
+    log_path = log_path or Path(tempfile.gettempdir()) / "padrec-server-overhead.log"
+    command = (sys.executable, "-m", "benchmarks.server_overhead", "--serve", engine)
+    rtt, eng, handler, app = [], [], [], []
+    with (
+        local_server(artifacts, log_path, env=env, command=command) as url,
+        httpx.Client(base_url=url, timeout=60) as client,
+    ):
+        items = sorted(Catalog.load(artifacts).item_to_sid)
+        for i in range(warmup + requests):
+            body = {"history": [items[(i * 7 + j) % len(items)] for j in range(history)], "k": k}
+            t0 = time.perf_counter()
+            r = client.post("/recommend", json=body)
+            t1 = time.perf_counter()
+            r.raise_for_status()
+            if i < warmup:
+                continue
+            lat = r.json()["latency_ms"]
+            rtt.append((t1 - t0) * 1e3)
+            eng.append(lat["engine"])
+            handler.append(lat["total"] - lat["engine"])
+            app_ms = float(r.headers["server-timing"].split("dur=")[1])
+            app.append(app_ms - lat["engine"])
     overhead = [a - b for a, b in zip(rtt, eng)]
     return {
         "requests": requests,
@@ -173,15 +168,21 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m server.bench_overhead", description=__doc__.split("\n\n")[0]
+        prog="python -m benchmarks.server_overhead", description=__doc__.split("\n\n")[0]
     )
-    p.add_argument("--artifacts", required=True, type=Path)
-    p.add_argument("--engine", default="reference", choices=["reference", "vllm", "null"])
+    p.add_argument("--artifacts", type=Path)
+    p.add_argument("--engine", default="reference", choices=ENGINES)
     p.add_argument("--requests", type=int, default=200)
-    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--k", type=int, default=10, help="items per recommendation")
     p.add_argument("--history", type=int, default=20, help="history items per request")
     p.add_argument("--speculative", default="true", choices=["true", "false"])
+    p.add_argument("--serve", choices=ENGINES, help=argparse.SUPPRESS)  # the child process
     args = p.parse_args(argv)
+    if args.serve:
+        serve(args.serve)
+        return 0
+    if args.artifacts is None:
+        p.error("the following arguments are required: --artifacts")
     res = run(
         args.artifacts,
         args.engine,

@@ -1,0 +1,23 @@
+"""Decoding engines behind one interface (``api.Engine``), each with its own config.
+
+``ReferenceEngine`` (plain PyTorch) lives here; the vLLM engine is
+``padrec_vllm.vllm_plugin.async_engine.VllmEngine`` (only that package imports vLLM).
+"""
+
+from padrec_vllm.decoding.accounting import RequestResult
+from padrec_vllm.engines.api import Engine, EngineError
+from padrec_vllm.engines.calibration import Calibration, calibration_of
+from padrec_vllm.engines.config import EngineConfig, ReferenceEngineConfig, VllmEngineConfig
+from padrec_vllm.engines.reference import ReferenceEngine
+
+__all__ = [
+    "Calibration",
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "ReferenceEngine",
+    "ReferenceEngineConfig",
+    "RequestResult",
+    "VllmEngineConfig",
+    "calibration_of",
+]

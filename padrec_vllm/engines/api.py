@@ -1,0 +1,54 @@
+"""The engine interface the server talks to.
+
+An engine turns prompts (token-id lists) into greedy completions with the per-request figures of
+``padrec_vllm.decoding.RequestResult``. It knows nothing about items, catalogs or HTTP.
+Implementations: ``padrec_vllm.engines.reference.ReferenceEngine`` (plain PyTorch) and
+``padrec_vllm.vllm_plugin.async_engine.VllmEngine`` (vLLM; import it only where vLLM is installed).
+
+Lifecycle: ``await start(warmup_prompts, max_new_tokens, calibrate)`` loads the model, warms it
+up on the prompts and, when speculating and asked to, *calibrates*: decodes the same prompts
+without speculation and with it, same engine code, same machine, one after the other, and returns
+the wall-clock ratio (``padrec_vllm.engines.calibration.Calibration``). Then ``generate`` any
+number of times, concurrently; ``close`` at the end. Engine failures raise ``EngineError``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from padrec_vllm.decoding.accounting import RequestResult
+from padrec_vllm.engines.calibration import Calibration
+from padrec_vllm.engines.config import EngineConfig
+
+
+class EngineError(RuntimeError):
+    """The engine failed or is not running (the server answers 503)."""
+
+
+class Engine(Protocol):
+    name: str  # "reference" | "vllm"
+    config: EngineConfig
+
+    @property
+    def num_draft_tokens(self) -> int:
+        """K in use; 0 without speculation."""
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt + completion the engine accepts, in tokens."""
+
+    async def start(
+        self, warmup_prompts: list[list[int]], max_new_tokens: int, calibrate: bool = True
+    ) -> Calibration | None:
+        """Load, warm up on ``warmup_prompts``; with ``calibrate`` and a head, calibrate on them."""
+
+    async def generate(self, prompt: list[int], max_new_tokens: int) -> RequestResult:
+        """Greedy completion of one prompt, stopping at ``<eos>`` (kept) or the budget."""
+
+    async def close(self) -> None: ...
+
+    def alive(self) -> bool:
+        """False once the engine has died (after a successful start)."""
+
+    def prometheus_text(self) -> bytes:
+        """The engine's own Prometheus series (exposition format), b"" when it has none."""

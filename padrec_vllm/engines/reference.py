@@ -1,0 +1,175 @@
+"""``ReferenceEngine``: ``padrec_vllm.decoding.generate`` behind the ``Engine`` interface.
+
+A single worker task takes every pending request with the same budget as the oldest one (up to
+``max_batch_size``) and decodes them as one batch in a worker thread; the batch's prefill and
+decode times are split evenly among its rows (as ``decoding.generate`` reports them). A batch of
+more rows than ``config.speculation_row_limit()`` is decoded without the head (its requests report
+``speculative=False``); the tokens are the same either way. Calibration decodes its prompts in
+batches of that many rows, plain and speculative alike, so the figure is what a speculated
+request gains.
+
+The head is loaded once and turned once into its decoding form (``model.decoding_head``: the CPU
+fold, or its int8 copy with ``draft_int8``), which the engine keeps for its lifetime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+
+from padrec_vllm.catalog.catalog import LAYOUT_FILE
+from padrec_vllm.catalog.tokens import EOS_ID, TokenLayout
+from padrec_vllm.decoding.accounting import RequestResult
+from padrec_vllm.engines.api import EngineError
+from padrec_vllm.engines.calibration import Calibration, calibration_of
+from padrec_vllm.engines.config import ReferenceEngineConfig
+
+
+@dataclass
+class _Pending:
+    prompt: list[int]
+    max_new_tokens: int
+    future: asyncio.Future
+    enqueued: float
+
+
+class ReferenceEngine:
+    """Plain-PyTorch engine (float32 by default, one worker thread); module docstring."""
+
+    name = "reference"
+
+    def __init__(self, config: ReferenceEngineConfig):
+        self.config = config
+        self._target = None
+        self._head = None  # the decoding form of the head (``model.decoding_head``)
+        self._slots: list[int] | None = None
+        self._num_drafts = 0
+        self._pending: deque[_Pending] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        limit = config.speculation_row_limit()
+        # rows of a batch that still speculates; calibration decodes in batches of this size
+        self._spec_rows = min(limit or config.max_batch_size, config.max_batch_size)
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return self._num_drafts
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self._target.config.max_position_embeddings)
+
+    async def start(
+        self, warmup_prompts: list[list[int]], max_new_tokens: int, calibrate: bool = True
+    ) -> Calibration | None:
+        await asyncio.to_thread(self._load)
+        self._wakeup = asyncio.Event()
+        self._worker = asyncio.create_task(self._run(), name="padrec-reference-engine")
+        if not warmup_prompts:
+            return None
+        rows = self._spec_rows
+        await asyncio.to_thread(self._decode, warmup_prompts[:2], max_new_tokens, self._head, rows)
+        if self._head is None or not calibrate:
+            return None
+        t0 = time.perf_counter()
+        plain = await asyncio.to_thread(self._decode, warmup_prompts, max_new_tokens, None, rows)
+        t1 = time.perf_counter()
+        spec = await asyncio.to_thread(
+            self._decode, warmup_prompts, max_new_tokens, self._head, rows
+        )
+        t2 = time.perf_counter()
+        return calibration_of(plain, spec, t1 - t0, t2 - t1, min(rows, len(warmup_prompts)))
+
+    def _load(self) -> None:
+        from padrec_vllm.model.decoding_head import decoding_head
+        from padrec_vllm.model.head_checkpoint import load_head
+        from padrec_vllm.model.target import load_target
+
+        c = self.config
+        try:
+            import torch
+
+            dtype = getattr(torch, c.dtype)
+            self._target = load_target(c.paths.target, dtype=dtype, device=c.device)
+            self._slots = TokenLayout.load(c.paths.root / LAYOUT_FILE).slot_table()
+            if c.head is not None:
+                head = load_head(c.head_dir, device=c.device, dtype=dtype)
+                self._head = decoding_head(head, self._target, int8=c.draft_int8)
+                self._num_drafts = c.draft_tokens()
+        except Exception as exc:  # any load failure means "not running"
+            raise EngineError(f"reference engine failed to load {c.artifacts}: {exc}") from exc
+
+    def _decode(
+        self, prompts: list[list[int]], max_new_tokens: int, head, rows: int | None = None
+    ) -> list[RequestResult]:
+        """Greedy completions of ``prompts`` in batches of ``rows`` (default ``max_batch_size``)."""
+        from padrec_vllm.decoding import generate
+
+        return generate(
+            self._target,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            eos_id=EOS_ID,
+            batch_size=rows or self.config.max_batch_size,
+            head=head,
+            num_draft_tokens=self._num_drafts if head is not None else None,
+            slot_of_token=self._slots,
+        )
+
+    async def generate(self, prompt: list[int], max_new_tokens: int) -> RequestResult:
+        if self._worker is None or self._worker.done():
+            raise EngineError("reference engine is not running")
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(prompt, max_new_tokens, future, time.perf_counter()))
+        self._wakeup.set()
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            budget = self._pending[0].max_new_tokens
+            batch = [p for p in self._pending if p.max_new_tokens == budget][
+                : self.config.max_batch_size
+            ]
+            for p in batch:
+                self._pending.remove(p)
+            batch = [p for p in batch if not p.future.cancelled()]
+            if not batch:
+                continue
+            started = time.perf_counter()
+            head = self._head if len(batch) <= self._spec_rows else None
+            try:
+                prompts = [p.prompt for p in batch]
+                results = await asyncio.to_thread(self._decode, prompts, budget, head)
+            except Exception as exc:  # noqa: BLE001 - handed to every waiting request
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(EngineError(f"reference engine failed: {exc}"))
+                continue
+            for p, r in zip(batch, results):
+                if not p.future.done():
+                    p.future.set_result(replace(r, queue_s=started - p.enqueued))
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+            self._worker = None
+        while self._pending:
+            p = self._pending.popleft()
+            if not p.future.done():
+                p.future.set_exception(EngineError("engine closed"))
+
+    def alive(self) -> bool:
+        return self._worker is not None and not self._worker.done()
+
+    def prometheus_text(self) -> bytes:
+        return b""

@@ -1,0 +1,205 @@
+"""Server states a real engine reaches only by accident (slow, failing, not ready), with fake
+engines; then the engine settings the server passes on (int8 drafting, the speculation row limit),
+with the reference engine."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from test_server import wait_ready
+
+from padrec_vllm.catalog.catalog import Catalog
+from padrec_vllm.engines import EngineConfig, EngineError, RequestResult
+from server import Settings, create_app
+
+
+@pytest.fixture(scope="module")
+def catalog(tiny_artifacts) -> Catalog:
+    return Catalog.load(tiny_artifacts)
+
+
+
+class FakeEngine:
+    """Answers every prompt with the same item list after ``delay_s``; ``gate`` delays start."""
+
+    name = "fake"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        delay_s=0.0,
+        gate: threading.Event | None = None,
+        fail_start=False,
+        fail_generate=False,
+    ):
+        self.config = EngineConfig(artifacts=settings.artifacts, head=None)
+        self.delay_s, self.gate = delay_s, gate
+        self.fail_start, self.fail_generate = fail_start, fail_generate
+        catalog = Catalog.load(settings.artifacts)
+        self.tokens = catalog.completion_ids([5, 6, 7], finished=True)
+
+    num_draft_tokens = 0
+    max_model_len = 256
+
+    async def start(self, warmup_prompts, max_new_tokens, calibrate=True):
+        if self.gate is not None:
+            while not self.gate.is_set():
+                await asyncio.sleep(0.01)
+        if self.fail_start:
+            raise EngineError("weights are corrupt")
+
+    async def generate(self, prompt, max_new_tokens):
+        await asyncio.sleep(self.delay_s)
+        if self.fail_generate:
+            raise EngineError("engine core died")
+        forwards = len(self.tokens) - 1
+        return RequestResult(
+            tokens=self.tokens,
+            target_forwards=forwards,
+            plain_forwards=forwards,
+            prefill_s=0.001,
+            decode_s=0.002,
+        )
+
+    async def close(self):
+        self.closed = True
+
+    def alive(self) -> bool:
+        return not getattr(self, "closed", False) and not self.dead
+
+    dead = False
+
+    def prometheus_text(self) -> bytes:
+        return b"fake_engine_series 1.0\n"
+
+
+def fake_client(settings: Settings, **kw) -> TestClient:
+    return TestClient(create_app(settings, engine_factory=lambda s: FakeEngine(s, **kw)))
+
+
+def test_overload_is_503_with_retry_after(settings):
+    s = settings.model_copy(update={"max_in_flight": 2, "retry_after_s": 3})
+    with fake_client(s, delay_s=0.5) as c:
+        wait_ready(c)
+        r = c.post("/recommend/batch", json={"requests": [{"history": [1]}] * 3})
+        assert r.status_code == 503 and r.headers["retry-after"] == "3"
+        assert r.json()["error"] == "overloaded"
+        slow = threading.Thread(
+            target=c.post,
+            args=("/recommend/batch",),
+            kwargs={"json": {"requests": [{"history": [1]}] * 2}},
+        )
+        slow.start()
+        time.sleep(0.2)
+        r = c.post("/recommend", json={"history": [1]})
+        assert r.status_code == 503 and r.headers["retry-after"] == "3"
+        slow.join()
+        assert c.post("/recommend", json={"history": [1]}).status_code == 200
+        assert 'padrec_rejected_requests_total{reason="overload"} 2.0' in c.get("/metrics").text
+
+
+def test_not_ready_until_the_engine_is_warm(settings):
+    gate = threading.Event()
+    with fake_client(settings, gate=gate) as c:
+        assert c.get("/healthz").status_code == 200
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "starting"
+        r = c.post("/recommend", json={"history": [1]})
+        assert (
+            r.status_code == 503 and r.json()["error"] == "not_ready" and "retry-after" in r.headers
+        )
+        gate.set()
+        wait_ready(c)
+        body = c.post("/recommend", json={"history": [1, 2], "k": 4}).json()
+        assert [it["item_id"] for it in body["items"]][:3] == [5, 6, 7]
+        assert body["head"] is None and body["spec"]["draft_tokens"] == 0
+        assert "fake_engine_series 1.0" in c.get("/metrics").text
+
+
+def test_engine_failures_are_503(settings):
+    with fake_client(settings, fail_start=True) as c:
+        for _ in range(100):
+            if c.get("/readyz").json()["status"] != "starting":
+                break
+            time.sleep(0.05)
+        ready = c.get("/readyz").json()
+        assert ready["status"] == "failed" and "weights are corrupt" in ready["error"]
+        assert c.get("/healthz").status_code == 503
+        assert c.post("/recommend", json={"history": [1]}).status_code == 503
+    with fake_client(settings, fail_generate=True) as c:
+        wait_ready(c)
+        r = c.post("/recommend", json={"history": [1]})
+        assert r.status_code == 503 and r.json()["error"] == "engine_error"
+        assert c.app.state.server.in_flight == 0
+        assert c.get("/healthz").status_code == 200
+        c.app.state.server.engine.dead = True  # e.g. vLLM's engine core process died
+        assert c.get("/healthz").status_code == 503
+        assert c.get("/readyz").json()["error"] == "the engine died"
+        assert c.post("/recommend", json={"history": [1]}).json()["error"] == "not_ready"
+
+
+# --------------------------------------------------------------------------- engine settings
+
+
+def test_int8_drafting_serves_the_greedy_lists(tiny_artifacts, catalog):
+    """PADREC_DRAFT_INT8: the reference engine drafts with an int8 head; lists stay plain greedy."""
+    from server.engines import build_engine
+
+    prompts = [catalog.prompt_ids(h, 5) for h in ([1, 2, 3], [4, 5], [6, 7, 8, 9])]
+
+    async def lists(**kw):
+        engine = build_engine(Settings(artifacts=tiny_artifacts, engine="reference", **kw))
+        await engine.start(prompts, 20, calibrate=False)
+        try:
+            return [(await engine.generate(p, 20)).tokens for p in prompts]
+        finally:
+            await engine.close()
+
+    assert asyncio.run(lists(draft_int8=True)) == asyncio.run(lists(speculative=False))
+    for bad in ({"engine": "vllm"}, {"device": "cuda"}, {"dtype": "bfloat16"}):
+        with pytest.raises(Exception, match="draft_int8 needs engine=reference"):
+            Settings(artifacts=tiny_artifacts, **{"engine": "reference", **bad}, draft_int8=True)
+
+
+def test_batches_over_spec_max_batch_decode_plainly(tiny_artifacts, catalog):
+    """PADREC_SPEC_MAX_BATCH: a reference batch of more rows decodes without the head.
+
+    Default on CPU is 1: four requests arriving together are decoded as one plain batch; alone,
+    each is speculated. The lists are plain greedy decoding in every case.
+    """
+    from server.engines import build_engine
+
+    prompts = [catalog.prompt_ids(h, 5) for h in ([1, 2, 3], [4, 5], [6, 7, 8, 9], [2, 9])]
+
+    async def run(**kw):
+        engine = build_engine(Settings(artifacts=tiny_artifacts, engine="reference", **kw))
+        calib = await engine.start(prompts, 20, calibrate=True)
+        try:
+            together = await asyncio.gather(*(engine.generate(p, 20) for p in prompts))
+            alone = [await engine.generate(p, 20) for p in prompts]
+        finally:
+            await engine.close()
+        return calib, together, alone
+
+    calib, together, alone = asyncio.run(run())
+    plain = [g.tokens for g in asyncio.run(run(speculative=False))[1]]
+    assert calib.batch_rows == 1 and calib.identical_rate == 1.0
+    assert [g.tokens for g in together] == [g.tokens for g in alone] == plain
+    assert not any(g.speculative or g.draft_tokens for g in together)
+    assert all(g.target_forwards == g.decode_tokens for g in together)  # one token per forward
+    assert all(g.speculative and g.draft_tokens > 0 for g in alone)
+
+    calib, together, _ = asyncio.run(run(spec_max_batch=4))
+    assert calib.batch_rows == 4 and calib.identical_rate == 1.0
+    assert [g.tokens for g in together] == plain
+    assert all(g.speculative and g.draft_tokens > 0 for g in together)
+
+    with pytest.raises(Exception, match="spec_max_batch needs engine=reference"):
+        Settings(artifacts=tiny_artifacts, engine="vllm", spec_max_batch=2)
+    with pytest.raises(Exception, match="spec_max_batch"):
+        Settings(artifacts=tiny_artifacts, engine="reference", spec_max_batch=0)
