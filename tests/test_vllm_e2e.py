@@ -93,7 +93,7 @@ class Workload:
     heads: dict[str, Path]
     prompts: list[list[int]]
     limit: int
-    k: int
+    num_draft_tokens: int
 
 
 @dataclass
@@ -158,7 +158,8 @@ def _run_engine(w: Workload, head: str | None, plugins: str | None = None) -> En
 
     spec = None
     if head is not None:
-        spec = {"method": "eagle", "model": str(w.heads[head]), "num_speculative_tokens": w.k}
+        spec = {"method": "eagle", "model": str(w.heads[head]),
+                "num_speculative_tokens": w.num_draft_tokens}
     env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
            "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # for the probes, in both processes
     if plugins is not None:
@@ -227,7 +228,7 @@ def reference(workload):
     for h in HEADS:
         results[h] = generate(target, workload.prompts, max_new_tokens=workload.limit,
                               eos_id=EOS_ID, batch_size=16, head=decoding_head(heads[h], target),
-                              num_draft_tokens=workload.k)
+                              num_draft_tokens=workload.num_draft_tokens)
     return target, heads, results
 
 
@@ -261,17 +262,17 @@ def test_speculative_outputs_identical(runs, reference, head):
 def test_acceptance_counters_above_zero(runs, workload, head):
     c = runs[head].counters
     assert c["drafts"] > 0 and c["accepted"] > 0
-    assert c["draft_tokens"] == workload.k * c["drafts"]
-    assert len(c["per_pos"]) == workload.k and sum(c["per_pos"]) == c["accepted"]
+    assert c["draft_tokens"] == workload.num_draft_tokens * c["drafts"]
+    assert len(c["per_pos"]) == workload.num_draft_tokens and sum(c["per_pos"]) == c["accepted"]
 
 
 def test_draft_step_runs_1_to_k_each_round(runs, workload):
     steps = runs["padrec"].steps
-    rounds = len(steps) // workload.k
-    assert rounds > 0 and steps == list(range(1, workload.k + 1)) * rounds
+    rounds = len(steps) // workload.num_draft_tokens
+    assert rounds > 0 and steps == list(range(1, workload.num_draft_tokens + 1)) * rounds
     for replay in runs["padrec"].replays:
-        rounds = len(replay) // workload.k
-        assert [r["step"] for r in replay] == list(range(1, workload.k + 1)) * rounds
+        rounds = len(replay) // workload.num_draft_tokens
+        assert [r["step"] for r in replay] == list(range(1, workload.num_draft_tokens + 1)) * rounds
     assert set(runs["eagle"].steps) == {None}  # the stock EAGLE model has no step
 
 
@@ -282,11 +283,12 @@ def test_same_logits_as_reference_head(runs, reference, workload, head):
     ref, embed = heads[head], target.get_input_embeddings()
     c = ref.config
     steps_seen = set()
+    k = workload.num_draft_tokens
     with torch.inference_mode():
         for replay in runs[head].replays:
-            cache = ref.new_cache(1, target.config.max_position_embeddings + workload.k + 1)
+            cache = ref.new_cache(1, target.config.max_position_embeddings + k + 1)
             for i, r in enumerate(replay):
-                step = r["step"] or (1 if i % workload.k == 0 else i % workload.k + 1)
+                step = r["step"] or (1 if i % k == 0 else i % k + 1)
                 steps_seen.add(step)
                 ids, pos = torch.tensor(r["ids"])[None], torch.tensor(r["pos"])[None]  # [1, T]
                 hidden = ref(ids, r["h_in"][None], pos, step=step, embed=embed, cache=cache)[0]
@@ -297,7 +299,7 @@ def test_same_logits_as_reference_head(runs, reference, workload, head):
                 sums = 6 * h + c.head_dim + int(pos.max()) + 1 + c.intermediate_size
                 assert_close_to_rounding(target.lm_head(r["h_out"]), target.lm_head(hidden),
                                          sums)
-    assert steps_seen == set(range(1, workload.k + 1))
+    assert steps_seen == set(range(1, workload.num_draft_tokens + 1))
 
 
 @pytest.mark.parametrize("head", HEADS)

@@ -27,10 +27,6 @@ class ParsedList:
     finished: bool  # saw <eos>
 
     @property
-    def valid_items(self) -> list[int]:
-        return [i for i in self.items if i is not None]
-
-    @property
     def num_invalid(self) -> int:
         return sum(1 for i in self.items if i is None)
 
@@ -45,7 +41,6 @@ class Catalog:
         sid_to_item = {sid: item for item, sid in self.item_to_sid.items()}
         if len(sid_to_item) != len(self.item_to_sid):
             raise ValueError("semantic IDs are not unique")
-        object.__setattr__(self, "_sid_to_item", sid_to_item)
         object.__setattr__(
             self,
             "_tokens_to_item",
@@ -55,9 +50,6 @@ class Catalog:
     @property
     def num_items(self) -> int:
         return len(self.item_to_sid)
-
-    def item_of_sid(self, sid: tuple[int, ...]) -> int | None:
-        return self._sid_to_item.get(tuple(sid))
 
     def item_token_ids(self, item: int) -> list[int]:
         """SID tokens of one item (no separator). KeyError for an unknown item."""

@@ -15,7 +15,6 @@ float32, so the residual quantiser sees directions, not magnitudes.
 from __future__ import annotations
 
 import os
-from typing import Literal
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -23,7 +22,6 @@ from tqdm.auto import tqdm
 from padrec_vllm.data.s3rec import Dataset
 from padrec_vllm.errors import UserError
 
-EmbeddingMethod = Literal["auto", "text", "attributes", "cooccurrence"]
 METHODS: tuple[str, ...] = ("auto", "text", "attributes", "cooccurrence")
 
 

@@ -15,8 +15,6 @@ from padrec_vllm.errors import UserError
 from padrec_vllm.model.skinny_linear import use_skinny_linears
 from padrec_vllm.presets import TargetPreset
 
-TARGET_DIR = "target"
-
 
 def target_config(preset: TargetPreset, layout: TokenLayout):
     from transformers import LlamaConfig
