@@ -109,7 +109,10 @@ def test_download_checks_sha256(http_root, tmp_path):
             ["build", "--dataset", "Beauty", "--out", "x", "--preset", "huge"],
             "invalid choice: 'huge'",
         ),
-        (["build", "--dataset", "Nope", "--out", "x"], "dataset folder not found"),
+        (  # an existing data folder (this one) without the dataset's folder in it
+            ["build", "--dataset", "Nope", "--out", "x", "--data-dir", str(Path(__file__).parent)],
+            "dataset folder not found",
+        ),
         (["eval", "--artifacts", "/nonexistent"], "not an artifacts directory"),
         (["eval", "--artifacts", "x", "--users", "-3"], "expected a positive integer"),
         (["build", "--dataset", "Beauty", "--out", "x", "--device", "tpu"], "expected cpu or cuda"),
