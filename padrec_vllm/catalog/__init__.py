@@ -1,1 +1,2 @@
-"""Semantic-ID catalog: item embeddings, residual quantisation, token layout, tokenizer."""
+"""Semantic-ID catalog: item embeddings, residual quantisation, token layout, tokenizer,
+constraint."""
