@@ -12,6 +12,12 @@ Per request:
   proposed nothing is one too). ``tau = decode_tokens / target_forwards`` with ``decode_tokens =
   len(tokens) - 1``: tokens emitted per decode forward (0.0 when the request ended at prefill);
   plain greedy has tau 1.
+- ``forced_tokens``: decode tokens that were the only legal token under the request's catalog
+  constraint (``catalog.constraint``) and that the engine appended without a target forward
+  choosing them (skipped forced tokens). They count as emitted tokens in tau, so skipping raises
+  tau: in plain decoding with skipping, ``target_forwards = decode_tokens - forced_tokens``, i.e.
+  every forced token is a forward saved against plain constrained greedy. 0 for decoding that
+  skips nothing (unconstrained, plain constrained greedy, vLLM's replayed rounds).
 - ``draft_forwards``: head forwards (draft steps) of the rounds the request took part in.
 - ``accept_by_pos[j] = (accepted, proposed)`` for draft position j + 1 over the rounds that
   proposed it; position j + 1 is accepted when drafts 1..j+1 all equal the target's tokens
@@ -45,6 +51,7 @@ class RequestResult:
     target_forwards: int
     plain_forwards: int = 0
     draft_forwards: int = 0
+    forced_tokens: int = 0
     accept_by_pos: list[tuple[int, int]] = field(default_factory=list)
     accept_by_slot: dict[int, tuple[int, int]] = field(default_factory=dict)
     queue_s: float = 0.0
@@ -103,16 +110,20 @@ class RequestAccounting:
         self.target_forwards = 0
         self.plain_forwards = 0
         self.draft_forwards = 0
+        self.forced_tokens = 0
         self.by_pos = [[0, 0] for _ in range(num_draft_tokens)]
         self.by_slot: dict[int, list[int]] = {}
         self.prefill_s = 0.0
         self.decode_s = 0.0
         self.draft_s = 0.0
 
-    def emit(self, new_tokens: Sequence[int], max_new_tokens: int, eos_id: int | None) -> bool:
-        """Append tokens up to ``<eos>`` / the budget; True when the request is finished."""
-        for tok in new_tokens:
+    def emit(self, new_tokens: Sequence[int], max_new_tokens: int, eos_id: int | None,
+             forced: Sequence[bool] = ()) -> bool:
+        """Append tokens up to ``<eos>`` / the budget; True when the request is finished.
+        ``forced[j]`` (default False) marks ``new_tokens[j]`` as a skipped forced token."""
+        for j, tok in enumerate(new_tokens):
             self.tokens.append(tok)
+            self.forced_tokens += j < len(forced) and bool(forced[j])
             if tok == eos_id or len(self.tokens) >= max_new_tokens:
                 return True
         return False
@@ -150,6 +161,7 @@ class RequestAccounting:
             target_forwards=self.target_forwards,
             plain_forwards=self.plain_forwards,
             draft_forwards=self.draft_forwards,
+            forced_tokens=self.forced_tokens,
             accept_by_pos=[(a, p) for a, p in self.by_pos],
             accept_by_slot={s: (a, p) for s, (a, p) in sorted(self.by_slot.items())},
             queue_s=queue_s,
@@ -211,6 +223,7 @@ class Aggregate:
     prefill_s: float
     draft_s: float
     verify_s: float
+    forced_tokens: int = 0  # skipped forced tokens, over all requests
 
     @property
     def total_s(self) -> float:
@@ -252,6 +265,7 @@ def aggregate(results: Sequence[RequestResult]) -> Aggregate:
         prefill_s=sum(r.prefill_s for r in results),
         draft_s=sum(r.draft_s for r in results),
         verify_s=sum(r.verify_s for r in results),
+        forced_tokens=sum(r.forced_tokens for r in results),
     )
 
 

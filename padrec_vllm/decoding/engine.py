@@ -12,21 +12,28 @@ numbers of tokens; the target's cache marks the rest as holes (``kv.TargetKV``),
 (``protocol.DraftCache``) is addressed by position and needs no rollback. A round drafts a chain
 (``speculative``) or, with a ``TreeSpec``, a tree verified under a tree mask (``tree``); either
 way it emits the target's greedy tokens.
+
+With ``constraints`` (one ``catalog.constraint.ListConstraint`` per prompt) every list is legal
+under the catalog and the output is plain *constrained* greedy's (``decoding.constrained``).
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from padrec_vllm.catalog.constraint import ListConstraint
+from padrec_vllm.catalog.tokens import EOS_ID
+from padrec_vllm.decoding.constrained import decode_constrained_batch
 from padrec_vllm.decoding.kv import TargetKV
 from padrec_vllm.decoding.protocol import Drafter
 from padrec_vllm.decoding.accounting import RequestAccounting, RequestResult
 from padrec_vllm.decoding.speculative import accepted_prefix, draft_chain
+from padrec_vllm.decoding.timing import charge, clock
 from padrec_vllm.decoding.tree import TreeSpec, accept_tree, draft_tree, path_indices
 
 
@@ -43,6 +50,8 @@ def generate(
     min_draft_confidence: float = 0.0,
     tree: TreeSpec | None = None,
     progress: str | None = None,
+    constraints: Sequence[ListConstraint] | None = None,
+    skip_forced: bool = False,
 ) -> list[RequestResult]:
     """Greedy-decode every prompt; with ``head``, by speculative decoding (chains, or trees).
 
@@ -56,6 +65,13 @@ def generate(
     ``accept_by_slot``. Results are in prompt order, with figures as defined in
     ``decoding.accounting``. ``progress``, when given, is the label of a progress bar over
     batches.
+
+    ``constraints``: one fresh ``ListConstraint`` per prompt, advanced in place (afterwards each
+    holds its request's list); None decodes unconstrained. Under constraints ``eos_id`` must be
+    ``<eos>``, and plain decoding is masked greedy, the reference; ``skip_forced`` appends forced
+    tokens without target forwards (plain decoding; chains always skip them); chains draft legal
+    tokens only (``decoding.constrained``). Trees and ``min_draft_confidence`` are refused under
+    constraints (not built).
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
@@ -63,6 +79,15 @@ def generate(
         raise ValueError(f"min_draft_confidence must be in [0, 1), got {min_draft_confidence}")
     if tree is not None and (head is None or min_draft_confidence > 0):
         raise ValueError("tree drafting needs a head and excludes min_draft_confidence")
+    if constraints is not None:
+        if len(constraints) != len(prompts):
+            raise ValueError(f"{len(constraints)} constraints for {len(prompts)} prompts")
+        if tree is not None or min_draft_confidence > 0:
+            raise ValueError("constrained decoding has no trees or min_draft_confidence yet")
+        if eos_id != EOS_ID:
+            raise ValueError(f"constrained decoding ends lists with <eos> ({EOS_ID}), not {eos_id}")
+    elif skip_forced:
+        raise ValueError("skip_forced needs constraints")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     num_drafts = 0
@@ -77,38 +102,33 @@ def generate(
     with torch.inference_mode():
         starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None):
-            rows = _decode_batch(
-                target,
-                prompts[start : start + batch_size],
-                head,
-                num_drafts,
-                max_new_tokens=max_new_tokens,
-                eos_id=eos_id,
-                slots=slots,
-                min_confidence=min_draft_confidence,
-                tree=tree,
-            )
+            batch = prompts[start : start + batch_size]
+            if constraints is None:
+                rows = _decode_batch(
+                    target,
+                    batch,
+                    head,
+                    num_drafts,
+                    max_new_tokens=max_new_tokens,
+                    eos_id=eos_id,
+                    slots=slots,
+                    min_confidence=min_draft_confidence,
+                    tree=tree,
+                )
+            else:
+                rows = decode_constrained_batch(
+                    target,
+                    batch,
+                    list(constraints[start : start + batch_size]),
+                    head,
+                    num_drafts,
+                    max_new_tokens=max_new_tokens,
+                    eos_id=eos_id,
+                    slots=slots,
+                    skip_forced=skip_forced,
+                )
             results.extend(row.result() for row in rows)
     return results
-
-
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def _charge(rows: list[RequestAccounting], alive: list[int], phase: str, seconds: float) -> None:
-    """Split a batch-level phase time evenly among the rows that took part. ``phase`` is
-    "prefill", "draft" (part of decoding) or "verify" (the rest of decoding)."""
-    share = seconds / len(alive)
-    for i in alive:
-        row = rows[i]
-        if phase == "prefill":
-            row.prefill_s += share
-        else:
-            row.decode_s += share
-            row.draft_s += share if phase == "draft" else 0.0
 
 
 def _decode_batch(
@@ -129,7 +149,7 @@ def _decode_batch(
     alive = list(range(b))  # batch row -> index into rows
     embed, lm_head = target.get_input_embeddings(), target.lm_head
 
-    t0 = _clock(device)
+    t0 = clock(device)
     lens = torch.tensor([len(p) for p in prompts], device=device)  # [B]
     ids = torch.zeros(b, int(lens.max()), dtype=torch.long, device=device)  # [B, T]
     for r, p in enumerate(prompts):
@@ -140,7 +160,7 @@ def _decode_batch(
     ar = torch.arange(b, device=device)  # [B]
     nxt = lm_head(feats[ar, lens - 1]).argmax(-1)  # [B]: x_n
     finished = [rows[r].emit([tok], max_new_tokens, eos_id) for r, tok in enumerate(nxt.tolist())]
-    _charge(rows, alive, "prefill", _clock(device) - t0)
+    charge(rows, alive, "prefill", clock(device) - t0)
 
     if head is not None:
         hcache = head.new_cache(b, ids.shape[1] + max_new_tokens + num_drafts + 1)
@@ -164,7 +184,7 @@ def _decode_batch(
                 h_ids, h_feats, h_count, h_pos = h_ids[sel], h_feats[sel], h_count[sel], h_pos[sel]
 
         if head is None:
-            t0 = _clock(device)
+            t0 = clock(device)
             feats = kv.forward_block(nxt[:, None])  # [B, 1, H]
             kv.keep(torch.ones_like(nxt))
             nxt = lm_head(feats[:, 0]).argmax(-1)  # [B]
@@ -172,10 +192,10 @@ def _decode_batch(
             for i, tok in enumerate(nxt.tolist()):
                 rows[alive[i]].plain_forward()
                 finished.append(rows[alive[i]].emit([tok], max_new_tokens, eos_id))
-            _charge(rows, alive, "verify", _clock(device) - t0)
+            charge(rows, alive, "verify", clock(device) - t0)
             continue
 
-        t0 = _clock(device)
+        t0 = clock(device)
         pending = (h_ids, h_feats, h_pos, h_count)
         if tree is None:
             rnd = _chain_round(
@@ -183,14 +203,14 @@ def _decode_batch(
             )
         else:
             rnd = _tree_round(head, embed, lm_head, hcache, kv, nxt, pending, num_drafts, tree)
-        _charge(rows, alive, "draft", rnd.drafted_at - t0)
+        charge(rows, alive, "draft", rnd.drafted_at - t0)
         nxt, (h_ids, h_feats, h_pos, h_count) = rnd.next_token, rnd.pending
         finished = []
         for i, (emitted, proposed, a) in enumerate(zip(rnd.emitted, rnd.proposed, rnd.accepted)):
             row = rows[alive[i]]
             row.round(proposed, a, emitted, rnd.head_steps)
             finished.append(row.emit(emitted, max_new_tokens, eos_id))
-        _charge(rows, alive, "verify", _clock(device) - rnd.drafted_at)
+        charge(rows, alive, "verify", clock(device) - rnd.drafted_at)
     return rows
 
 
@@ -226,7 +246,7 @@ def _chain_round(
     head_steps = drafts.shape[1]
     n_prop = proposed.tolist()
     drafts = drafts[:, : max(n_prop)]  # [B, D]: verify only what some row proposes
-    t1 = _clock(device)
+    t1 = clock(device)
     start = kv.lengths.clone()  # [B]: position of x_n
     block = torch.cat((nxt[:, None], drafts), dim=1)  # [B, D+1]
     feats = kv.forward_block(block)  # [B, D+1, H]
@@ -263,7 +283,7 @@ def _tree_round(
     ``proposed`` is the depth its tree reaches (its draft positions)."""
     device = nxt.device
     dt = draft_tree(head, embed, lm_head, hcache, *pending, num_drafts, tree)
-    t1 = _clock(device)
+    t1 = clock(device)
     start = kv.lengths.clone()  # [B]: position of x_n
     block = torch.cat((nxt[:, None], dt.tokens), dim=1)  # [B, N+1]
     depths = torch.cat((torch.zeros_like(nxt)[:, None], dt.depths), dim=1)  # [B, N+1]
