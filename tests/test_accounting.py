@@ -71,6 +71,18 @@ def test_accumulator_rounds_and_emission():
     assert list(r.accept_by_slot) == sorted(r.accept_by_slot)
 
 
+def test_forced_tokens_count_only_what_is_emitted():
+    acct = RequestAccounting(0)
+    assert not acct.emit([4, 5, 6], 8, 2, forced=[False, True, True])  # prefill, a forced run
+    acct.plain_forward()
+    assert acct.emit([7, 8, 9, 2], 6, 2, forced=[False, True, True, True])  # budget cuts at 9
+    r = acct.result()
+    assert r.tokens == [4, 5, 6, 7, 8, 9] and r.forced_tokens == 4  # 5, 6, 8, 9
+    assert r.tau == 5.0 and r.target_forwards == r.decode_tokens - r.forced_tokens
+    assert aggregate([r, r]).forced_tokens == 8
+    assert result_from_rounds([0, 1, 2], [1], [2], 2, None).forced_tokens == 0
+
+
 def test_aggregate_is_a_ratio_of_sums():
     a = result_from_rounds([0, 1, 2, 3, 4], [3], [3], 3, SLOTS)  # 4 tokens in 1 forward
     b = result_from_rounds([0, 1, 2], [], [], 3, SLOTS)  # 2 plain forwards
