@@ -28,12 +28,13 @@ DATA_DIR_HELP = "datasets folder (default: $PADREC_DATA_DIR or ../shared/data)"
 DATASETS_HELP = "Beauty, Sports_and_Outdoors, Toys_and_Games or Yelp"
 ARTIFACTS_HELP = "artifacts directory from `padrec build`"
 METHODS_HELP = (
-    "comma-separated: ar, ngram (vllm engine only) and head names under DIR/heads/; "
+    "comma-separated: ar, forced (constrained reference engine: plain decoding that skips "
+    "forced tokens), ngram (vllm engine only) and head names under DIR/heads/; "
     "HEAD@P (reference engine) ends each draft chain at the first draft the head "
     "gives probability below P; HEAD:tN[kM][pQ] (reference engine) drafts a tree "
     "of up to N nodes a round, top M children per node (default 4), nodes past the K best "
     "only at path probability >= Q; HEAD+int8 (with any of these; reference engine, CPU) drafts "
-    "with an int8 copy of the head"
+    "with an int8 copy of the head; @P and :tN need --unconstrained"
 )
 
 Handler = Callable[[argparse.Namespace], None]
@@ -89,6 +90,21 @@ def _add_embedding(p: argparse.ArgumentParser) -> None:
                    help="item embedding for the SIDs (default: auto)")
 
 
+def _add_constraint_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--unconstrained", action="store_true",
+                   help=f"decode free instead of under the catalog constraint (default: "
+                        f"constrained {what})")
+    p.add_argument("--exclude-history", action="store_true",
+                   help="also exclude each user's history items from the lists (constrained)")
+
+
+def _constraint_flags(args) -> tuple[bool, bool]:
+    """``(constrained, exclude_history)`` from the flags; UserError when they contradict."""
+    if args.unconstrained and args.exclude_history:
+        raise UserError("--exclude-history needs the constraint; drop --unconstrained")
+    return not args.unconstrained, args.exclude_history
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser; every (sub)command's parser carries its handler as the ``run`` default."""
     from padrec_vllm.model.config import HEAD_KINDS, HEAD_VARIANTS
@@ -137,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="decoding batch (default: 64 on CPU, 512 on CUDA)")
     ev.add_argument("--device", default="cpu", type=_device, help="cpu or cuda[:N]")
     ev.add_argument("--json", default=None, help="write the result to this file")
+    _add_constraint_args(ev, "lists")
     ev.set_defaults(run=_cmd_eval)
 
     th = sub.add_parser("train-heads",
@@ -165,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cpu or cuda[:N] (reference engine)")
     bench.add_argument("--json", default=None, help="write the result JSON here")
     bench.add_argument("--plot", default=None, help="write the acceptance plot (PNG) here")
+    _add_constraint_args(bench, "lists (reference engine; ar, forced and chain methods)")
     bench.set_defaults(run=_cmd_bench)
 
     for name, run in _registered_commands(sub).items():
@@ -222,11 +240,12 @@ def _cmd_eval(args) -> None:
     from padrec_vllm.pipeline import format_eval, run_eval
     from padrec_vllm.presets import get_preset
 
+    constrained, exclude_history = _constraint_flags(args)
     paths = ArtifactPaths(Path(args.artifacts))
     info = paths.read_build_info()
     dataset = load_dataset(info["dataset"], args.data_dir)
     result = run_eval(dataset, paths, get_preset(info["preset"]), args.device, args.users,
-                      args.batch_size)
+                      args.batch_size, constrained, exclude_history)
     print("\n".join(format_eval(result)))
     if not paths.eval_file.exists():
         paths.eval_file.write_text(json.dumps(result, indent=2) + "\n")
@@ -256,10 +275,12 @@ def _cmd_train_heads(args) -> None:
 def _cmd_bench(args) -> None:
     from padrec_vllm.bench import BenchConfig, format_table, write_outputs
 
+    constrained, exclude_history = _constraint_flags(args)
     cfg = BenchConfig(artifacts=Path(args.artifacts), methods=tuple(args.methods),
                       users=args.users, batch_size=args.batch_size,
                       num_draft_tokens=args.draft_tokens, device=args.device,
-                      engine=args.engine, data_dir=args.data_dir)
+                      engine=args.engine, data_dir=args.data_dir, constrained=constrained,
+                      exclude_history=exclude_history)
     if args.engine == "vllm":
         from padrec_vllm.vllm_plugin.bench import run_vllm_bench
 

@@ -112,7 +112,11 @@ def run_eval(
     device: str,
     users: int | None = None,
     batch_size: int | None = None,
+    constrained: bool = True,
+    exclude_history: bool = False,
 ) -> dict:
+    """The evaluation of ``eval.json`` (``eval.evaluate.evaluate_target``): constrained lists by
+    default, the preset's users and seed unless ``users`` is given."""
     catalog = Catalog.load(paths.root)
     split = leave_one_out(dataset.sequences)
     eval_users = sample_test_users(
@@ -127,6 +131,8 @@ def run_eval(
         eval_users,
         preset.list_len,
         batch_size=batch_size or _gen_batch(device),
+        constrained=constrained,
+        exclude_history=exclude_history,
     )
     result |= {"dataset": dataset.name, "preset": preset.name, "seconds": time.perf_counter() - t0}
     return result
@@ -175,7 +181,13 @@ def format_eval(result: dict) -> list[str]:
             f"{name:14s} {m['recall_at_10']:9.4f} {m['ndcg_at_10']:8.4f} "
             f"{m['invalid_item_rate']:8.4f} {m['duplicate_rate']:6.4f}"
         )
-    return [f"{result['dataset']} ({result['preset']}), {result['users']} test users:"] + rows
+    if not result.get("constrained", False):  # eval.json from before the constraint: unconstrained
+        lists = "unconstrained lists"
+    else:
+        excluded = ", history excluded" if result.get("exclude_history") else ""
+        lists = "constrained lists" + excluded
+    head = f"{result['dataset']} ({result['preset']}), {result['users']} test users, {lists}:"
+    return [head] + rows
 
 
 def build(

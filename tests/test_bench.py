@@ -11,13 +11,15 @@ from padrec_vllm.artifacts import ArtifactPaths
 from padrec_vllm.bench import (
     BenchConfig,
     MethodSpec,
+    bench_setup,
     format_table,
     parse_method,
     run_reference_bench,
     write_outputs,
 )
+from padrec_vllm.catalog.tokens import EOS_ID
 from padrec_vllm.cli import main
-from padrec_vllm.decoding import TreeSpec
+from padrec_vllm.decoding import TreeSpec, generate
 from padrec_vllm.model.head_checkpoint import load_head
 from padrec_vllm.model.target import load_target
 from padrec_vllm.train.heads import unrolled_loss
@@ -80,27 +82,49 @@ def test_step_decay_weights_the_unrolled_steps(tiny_artifacts):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+SHAPE_KEYS = {"dataset", "engine", "device", "users", "num_draft_tokens", "batch_size",
+              "constrained", "exclude_history", "forced_share_by_slot", "quality", "methods"}
+METHOD_KEYS = {"wall_s", "tokens_per_s", "latency_ms", "tau", "accept_by_pos", "accept_by_slot",
+               "speedup", "identical_rate", "target_forwards", "forced_tokens", "forced_share",
+               "forwards_saved"}
+
+
 @pytest.mark.parametrize("batch_size", [1, 4])
-def test_bench_is_lossless_and_shaped(tiny_artifacts, synth_data_dir, batch_size, tmp_path):
+def test_constrained_bench_is_lossless_and_legal(tiny_artifacts, synth_data_dir, batch_size,
+                                                 tmp_path):
+    methods = ("ar", "forced", "eagle", "padrec")
     result = run_reference_bench(
-        BenchConfig(
-            artifacts=tiny_artifacts,
-            methods=("ar", "eagle", "padrec"),
-            users=12,
-            batch_size=batch_size,
-            data_dir=str(synth_data_dir),
-        )
+        BenchConfig(artifacts=tiny_artifacts, methods=methods, users=12, batch_size=batch_size,
+                    data_dir=str(synth_data_dir))
     )
-    assert {
-        "dataset",
-        "engine",
-        "device",
-        "users",
-        "num_draft_tokens",
-        "batch_size",
-        "quality",
-        "methods",
-    } <= set(result)
+    assert SHAPE_KEYS <= set(result) and result["constrained"] and not result["exclude_history"]
+    q = result["quality"]
+    assert q["invalid_item_rate"] == 0.0 and q["duplicate_rate"] == 0.0
+    ms = result["methods"]
+    for name in methods:
+        assert METHOD_KEYS <= set(ms[name]) and ms[name]["identical_rate"] == 1.0
+    ar, forced = ms["ar"], ms["forced"]
+    assert ar["tau"] == 1.0 and ar["forced_tokens"] == 0 and ar["forwards_saved"] == 0
+    for name in ("forced", "eagle", "padrec"):
+        assert ms[name]["forced_tokens"] > 0 and 0 < ms[name]["forced_share"] < 1
+    # plain decoding that skips forced tokens saves exactly one forward per forced token
+    assert forced["forwards_saved"] == forced["forced_tokens"] > 0 and forced["tau"] > 1.0
+    assert forced["accept_by_pos"] == [] and forced["draft_forwards"] == 0
+    assert len(ms["padrec"]["accept_by_pos"]) == 3
+    shares = result["forced_share_by_slot"]
+    assert shares["sep"] == 1.0 and all(0.0 <= v <= 1.0 for v in shares.values())
+    write_outputs(result, tmp_path / "b.json", tmp_path / "b.png")
+    assert (tmp_path / "b.png").stat().st_size > 1000 and len(format_table(result)) == 7
+    assert "constrained" in format_table(result)[0]
+
+
+def test_unconstrained_bench_is_lossless_and_shaped(tiny_artifacts, synth_data_dir, tmp_path):
+    result = run_reference_bench(
+        BenchConfig(artifacts=tiny_artifacts, methods=("ar", "eagle", "padrec"), users=12,
+                    batch_size=4, data_dir=str(synth_data_dir), constrained=False)
+    )
+    assert SHAPE_KEYS <= set(result) and result["constrained"] is False
+    assert result["forced_share_by_slot"] == {}
     assert set(result["quality"]) == {
         "recall_at_10",
         "ndcg_at_10",
@@ -109,20 +133,30 @@ def test_bench_is_lossless_and_shaped(tiny_artifacts, synth_data_dir, batch_size
     }
     for name in ("ar", "eagle", "padrec"):
         m = result["methods"][name]
-        assert m["identical_rate"] == 1.0
-        assert {
-            "wall_s",
-            "tokens_per_s",
-            "latency_ms",
-            "tau",
-            "accept_by_pos",
-            "accept_by_slot",
-            "speedup",
-        } <= set(m)
-    assert result["methods"]["ar"]["tau"] == 1.0 and result["methods"]["padrec"]["tau"] >= 1.0
-    assert len(result["methods"]["padrec"]["accept_by_pos"]) == 3
+        assert m["identical_rate"] == 1.0 and METHOD_KEYS <= set(m)
+        assert m["forced_tokens"] == 0 and m["forced_share"] == 0.0
+    ar, padrec = result["methods"]["ar"], result["methods"]["padrec"]
+    assert ar["tau"] == 1.0 and padrec["tau"] >= 1.0
+    assert padrec["forwards_saved"] == ar["target_forwards"] - padrec["target_forwards"]
+    assert len(padrec["accept_by_pos"]) == 3
     write_outputs(result, tmp_path / "b.json", tmp_path / "b.png")
     assert (tmp_path / "b.png").stat().st_size > 1000 and len(format_table(result)) == 6
+    assert "unconstrained" in format_table(result)[0]
+
+
+def test_bench_excludes_history_when_asked(tiny_artifacts, synth_data_dir):
+    cfg = BenchConfig(artifacts=tiny_artifacts, methods=("ar", "forced", "padrec"), users=8,
+                      batch_size=4, data_dir=str(synth_data_dir), exclude_history=True)
+    result = run_reference_bench(cfg)
+    assert result["exclude_history"] is True
+    assert all(m["identical_rate"] == 1.0 for m in result["methods"].values())
+    setup = bench_setup(cfg)
+    states = setup.constraints()
+    generate(load_target(setup.paths.target), setup.prompts, max_new_tokens=setup.limit,
+             eos_id=EOS_ID, batch_size=4, constraints=states)
+    for state, history in zip(states, setup.users.histories):
+        assert state.items and not set(state.items) & set(history)
+        assert len(set(state.items)) == len(state.items)
 
 
 def test_bench_gated_method_runs_beside_its_head(tiny_artifacts, synth_data_dir):
@@ -133,6 +167,7 @@ def test_bench_gated_method_runs_beside_its_head(tiny_artifacts, synth_data_dir)
             users=6,
             batch_size=2,
             data_dir=str(synth_data_dir),
+            constrained=False,
         )
     )
     fixed, gated = result["methods"]["padrec"], result["methods"]["padrec@0.02"]
@@ -152,6 +187,7 @@ def test_bench_tree_method_runs_beside_its_head(tiny_artifacts, synth_data_dir):
             users=6,
             batch_size=2,
             data_dir=str(synth_data_dir),
+            constrained=False,
         )
     )
     chain, tree = result["methods"]["padrec"], result["methods"]["padrec:t5k2"]
@@ -202,20 +238,22 @@ def test_bench_cli_errors(tiny_artifacts, capsys):
     ):
         assert main(["bench", "--artifacts", str(tiny_artifacts), "--methods", f"ar,{bad}"]) == 2
         assert repr(bad) in capsys.readouterr().err
+    bench = ["bench", "--artifacts", str(tiny_artifacts)]
     for bad in ("eagle@0.3", "eagle:t4", "eagle+int8"):
-        assert (
-            main(
-                [
-                    "bench",
-                    "--artifacts",
-                    str(tiny_artifacts),
-                    "--engine",
-                    "vllm",
-                    "--methods",
-                    f"ar,{bad}",
-                ]
-            )
-            == 2
-        )
+        args = [*bench, "--unconstrained", "--engine", "vllm", "--methods", f"ar,{bad}"]
+        assert main(args) == 2
         assert "need --engine reference" in capsys.readouterr().err
+    for bad in ("eagle@0.3", "padrec:t4k2", "padrec+int8:t4"):  # constrained by default
+        assert main([*bench, "--methods", f"ar,{bad}"]) == 2
+        err = capsys.readouterr().err
+        assert repr(bad) in err and "add --unconstrained" in err and len(err.splitlines()) == 1
+    assert main([*bench, "--unconstrained", "--methods", "ar,forced"]) == 2
+    err = capsys.readouterr().err
+    assert "'forced'" in err and "drop --unconstrained" in err
+    assert main([*bench, "--engine", "vllm", "--methods", "ar,eagle"]) == 2
+    err = capsys.readouterr().err
+    assert "vllm engine does not decode under the catalog constraint" in err
+    assert "--unconstrained" in err and len(err.splitlines()) == 1
+    assert main([*bench, "--unconstrained", "--exclude-history"]) == 2
+    assert "--exclude-history needs the constraint" in capsys.readouterr().err
     assert main(["train-heads", "--artifacts", str(tiny_artifacts), "--heads", "foo"]) == 2

@@ -20,6 +20,10 @@ def test_tiny_build_trains_and_evaluates(tiny_artifacts):
     assert train["final_loss"] < 3.0  # uniform over the tiny vocabulary would be ~4.3
     result = json.loads(paths.eval_file.read_text())
     assert result["users"] == 50
+    # the build evaluates constrained lists: every item in the catalog, none repeated
+    assert result["constrained"] is True and result["exclude_history"] is False
+    assert result["target"]["invalid_item_rate"] == 0.0
+    assert result["target"]["duplicate_rate"] == 0.0
     for name in ("target", "most_popular"):  # one held-out item: NDCG@10 <= Recall@10
         assert result[name]["ndcg_at_10"] <= result[name]["recall_at_10"]
     # transformers reloads the checkpoint and the tokenizer sits next to it (vLLM needs both)
@@ -38,7 +42,26 @@ def test_eval_command_reproduces_the_build_evaluation(tiny_artifacts, synth_data
     args = ["eval", "--artifacts", str(tiny_artifacts), "--data-dir", str(synth_data_dir)]
     assert main([*args, "--users", str(built["users"]), "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert "Recall@10" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Recall@10" in printed and "constrained lists" in printed
     # same users (the preset's seed), same greedy lists: the same figures as the build's
+    assert result["constrained"] is True and result["exclude_history"] is False
     for name in ("target", "most_popular"):
         assert result[name] == built[name]
+
+
+def test_eval_command_takes_the_constraint_flags(tiny_artifacts, synth_data_dir, tmp_path,
+                                                 capsys):
+    args = ["eval", "--artifacts", str(tiny_artifacts), "--data-dir", str(synth_data_dir),
+            "--users", "12"]
+    assert main([*args, "--unconstrained", "--json", str(tmp_path / "u.json")]) == 0
+    assert "unconstrained lists" in capsys.readouterr().out
+    free = json.loads((tmp_path / "u.json").read_text())
+    assert free["constrained"] is False and free["exclude_history"] is False
+    assert main([*args, "--exclude-history", "--json", str(tmp_path / "x.json")]) == 0
+    assert "constrained lists, history excluded" in capsys.readouterr().out
+    excl = json.loads((tmp_path / "x.json").read_text())
+    assert excl["constrained"] is True and excl["exclude_history"] is True
+    assert excl["target"]["invalid_item_rate"] == 0.0 and excl["target"]["duplicate_rate"] == 0.0
+    assert main([*args, "--unconstrained", "--exclude-history"]) == 2
+    assert "--exclude-history needs the constraint" in capsys.readouterr().err

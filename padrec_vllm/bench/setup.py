@@ -1,4 +1,10 @@
-"""What every engine's bench shares: its config, the validated methods and the sampled users."""
+"""What every engine's bench shares: its config, the validated methods and the sampled users.
+
+Constrained by default (``BenchConfig.constrained``): every method decodes under the catalog
+constraint, one ``CatalogTrie`` per run and a fresh ``ListConstraint`` per request per method
+(``BenchSetup.constraints``); only the reference engine's ``ar``, ``forced`` and chain methods
+(``HEAD``, ``HEAD+int8``) run so. ``constrained=False`` is the free decoding of before.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from pathlib import Path
 from padrec_vllm.artifacts import ArtifactPaths
 from padrec_vllm.bench.methods import parse_method
 from padrec_vllm.catalog.catalog import Catalog
+from padrec_vllm.catalog.constraint import CatalogTrie, ListConstraint
 from padrec_vllm.data.s3rec import leave_one_out, load_dataset
 from padrec_vllm.decoding.accounting import RequestResult
 from padrec_vllm.errors import UserError
@@ -26,6 +33,8 @@ class BenchConfig:
     engine: str = "reference"
     data_dir: str | None = None
     seed: int = 0
+    constrained: bool = True  # decode under the catalog constraint (module docstring)
+    exclude_history: bool = False  # constrained: also exclude each user's history items
 
 
 @dataclass(frozen=True)
@@ -38,10 +47,21 @@ class BenchSetup:
     users: EvalUsers
     num_draft_tokens: int
     limit: int  # max_new_tokens
+    list_len: int = 10  # k: items per list
+    trie: CatalogTrie | None = None  # the catalog's trie when constrained, else None
+    exclude_history: bool = False
 
     @property
     def prompts(self) -> list[list[int]]:
         return [list(p) for p in self.users.prompts]
+
+    def constraints(self, start: int = 0, stop: int | None = None) -> list[ListConstraint] | None:
+        """Fresh constraints of users ``start:stop`` (one per request), or None unconstrained."""
+        if self.trie is None:
+            return None
+        hist = self.users.histories[start:stop] if self.exclude_history else ()
+        n = len(self.users.users[start:stop])
+        return [ListConstraint(self.trie, self.list_len, hist[i] if hist else ()) for i in range(n)]
 
 
 @dataclass(frozen=True)
@@ -59,15 +79,34 @@ def bench_users(split, catalog: Catalog, history: int, n: int, seed: int = 0) ->
     return sample_test_users(split, catalog, history, n, seed + 1)
 
 
-def bench_setup(cfg: BenchConfig, builtin: tuple[str, ...] = ("ar",)) -> BenchSetup:
+def _check_constraint(cfg: BenchConfig, name: str, spec) -> None:
+    """UserError for a method the constraint setting does not allow (module docstring)."""
+    if not cfg.constrained:
+        if name == "forced":
+            raise UserError("method 'forced' (plain decoding that skips forced tokens) needs the "
+                            "constraint; drop --unconstrained")
+        return
+    if spec.min_confidence > 0 or spec.tree is not None:
+        raise UserError(f"method {name!r}: gated (HEAD@P) and tree (HEAD:tN) drafting do not "
+                        "run under the catalog constraint yet; add --unconstrained")
+
+
+def bench_setup(cfg: BenchConfig, builtin: tuple[str, ...] = ("ar", "forced")) -> BenchSetup:
     """Validate ``cfg.methods`` (``ar`` required; every name outside ``builtin`` needs a head
-    under ``heads/``) before loading anything heavy, then sample the users."""
+    under ``heads/``; the constraint setting, ``_check_constraint``) before loading anything
+    heavy, then sample the users and, when constrained, build the catalog's trie."""
     paths = ArtifactPaths(cfg.artifacts)
+    if cfg.exclude_history and not cfg.constrained:
+        raise UserError("--exclude-history needs the constraint; drop --unconstrained")
+    if cfg.constrained and cfg.engine != "reference":
+        raise UserError(f"the {cfg.engine} engine does not decode under the catalog constraint "
+                        "yet; pass --unconstrained")
     info = paths.read_build_info()
     if "ar" not in cfg.methods:
         raise UserError("--methods must include ar (the baseline for speedup and identical_rate)")
     for name in cfg.methods:
         spec = parse_method(name)
+        _check_constraint(cfg, name, spec)
         base = spec.head
         if not spec.plain and cfg.engine != "reference":
             raise UserError(f"method {name!r}: HEAD@P, HEAD:tN and HEAD+int8 (gated, tree and "
@@ -86,4 +125,6 @@ def bench_setup(cfg: BenchConfig, builtin: tuple[str, ...] = ("ar",)) -> BenchSe
     users = bench_users(split, catalog, preset.history, cfg.users, cfg.seed)
     return BenchSetup(paths, info, catalog, users,
                       cfg.num_draft_tokens or preset.num_draft_tokens,
-                      max_new_tokens(catalog, preset.list_len))
+                      max_new_tokens(catalog, preset.list_len), preset.list_len,
+                      CatalogTrie.from_catalog(catalog) if cfg.constrained else None,
+                      cfg.exclude_history)
