@@ -4,12 +4,15 @@ tested in test_accounting.py)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
 from padrec_vllm.bench import BenchConfig, run_reference_bench  # noqa: E402
+from padrec_vllm.errors import UserError  # noqa: E402
 from padrec_vllm.vllm_plugin.bench import run_vllm_bench  # noqa: E402
 from test_vllm_e2e import vllm_compatible_build  # noqa: E402
 
@@ -17,7 +20,9 @@ from test_vllm_e2e import vllm_compatible_build  # noqa: E402
 def test_vllm_bench_matches_reference_bench(tiny_artifacts, synth_data_dir, tmp_path_factory):
     art = vllm_compatible_build(tiny_artifacts, synth_data_dir, tmp_path_factory.getbasetemp())
     cfg = BenchConfig(artifacts=art, methods=("ar", "ngram", "eagle", "padrec"), users=8,
-                      batch_size=4, data_dir=str(synth_data_dir))
+                      batch_size=4, data_dir=str(synth_data_dir), constrained=False)
+    with pytest.raises(UserError, match="does not decode under the catalog constraint"):
+        run_vllm_bench(replace(cfg, constrained=True), enforce_eager=True)
     got = run_vllm_bench(cfg, enforce_eager=True)
     ref = run_reference_bench(BenchConfig(artifacts=art, methods=("ar", "eagle", "padrec"), users=8,
                                 batch_size=4, data_dir=str(synth_data_dir),

@@ -20,6 +20,7 @@ draft model apart.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 import time
 from pathlib import Path
 
@@ -110,6 +111,7 @@ def run_method(
 def run_vllm_bench(cfg: BenchConfig, *, enforce_eager: bool = False) -> dict:
     """``padrec bench --engine vllm``; ``enforce_eager`` skips torch.compile / CUDA graphs
     (tests)."""
+    cfg = replace(cfg, engine="vllm")  # the setup's checks are the vLLM engine's
     setup = bench_setup(cfg, builtin=("ar", "ngram"))
     from padrec_vllm.vllm_plugin import register
 
