@@ -44,7 +44,7 @@ from torch import nn
 from padrec_vllm.catalog.constraint import ListConstraint, apply_mask, fill_mask
 from padrec_vllm.catalog.tokens import PAD_ID
 from padrec_vllm.decoding.accounting import RequestAccounting
-from padrec_vllm.decoding.kv import TargetKV
+from padrec_vllm.decoding.kv import TargetKV, prefill
 from padrec_vllm.decoding.protocol import Drafter
 from padrec_vllm.decoding.speculative import accepted_prefix
 from padrec_vllm.decoding.timing import charge, clock
@@ -72,15 +72,8 @@ def decode_constrained_batch(
     embed, lm_head = target.get_input_embeddings(), target.lm_head
 
     t0 = clock(device)
-    lens = torch.tensor([len(p) for p in prompts], device=device)  # [B]
-    ids = torch.zeros(b, int(lens.max()), dtype=torch.long, device=device)  # [B, T]
-    for r, p in enumerate(prompts):
-        ids[r, : len(p)] = torch.tensor(p, device=device)
-    kv = TargetKV(target, b, device)
-    feats = kv.forward_block(ids)  # [B, T, H]
-    kv.keep(lens)
+    kv, ids, lens, feats, logits = prefill(target, prompts, device)  # logits [B, V]
     ar = torch.arange(b, device=device)  # [B]
-    logits = lm_head(feats[ar, lens - 1])  # [B, V]
     buf = torch.empty(logits.shape, dtype=torch.bool, device=device)  # [B, V]: masks, reused
     nxt = apply_mask(logits, fill_mask(states, buf)).argmax(-1)  # [B]: x_n
     tails, finished = [], []  # tails[i]: [x_n, forced...], emitted and not yet in the cache

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from padrec_vllm.catalog.constraint import ListConstraint
 from padrec_vllm.catalog.tokens import EOS_ID
 from padrec_vllm.decoding.constrained import decode_constrained_batch
-from padrec_vllm.decoding.kv import TargetKV
+from padrec_vllm.decoding.kv import TargetKV, prefill
 from padrec_vllm.decoding.protocol import Drafter
 from padrec_vllm.decoding.accounting import RequestAccounting, RequestResult
 from padrec_vllm.decoding.speculative import accepted_prefix, draft_chain
@@ -150,15 +150,9 @@ def _decode_batch(
     embed, lm_head = target.get_input_embeddings(), target.lm_head
 
     t0 = clock(device)
-    lens = torch.tensor([len(p) for p in prompts], device=device)  # [B]
-    ids = torch.zeros(b, int(lens.max()), dtype=torch.long, device=device)  # [B, T]
-    for r, p in enumerate(prompts):
-        ids[r, : len(p)] = torch.tensor(p, device=device)
-    kv = TargetKV(target, b, device)
-    feats = kv.forward_block(ids)  # [B, T, H]
-    kv.keep(lens)
+    kv, ids, lens, feats, logits = prefill(target, prompts, device)
     ar = torch.arange(b, device=device)  # [B]
-    nxt = lm_head(feats[ar, lens - 1]).argmax(-1)  # [B]: x_n
+    nxt = logits.argmax(-1)  # [B]: x_n
     finished = [rows[r].emit([tok], max_new_tokens, eos_id) for r, tok in enumerate(nxt.tolist())]
     charge(rows, alive, "prefill", clock(device) - t0)
 

@@ -14,6 +14,8 @@ accepted path, whose slots need not be contiguous (``keep_mask``).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -89,3 +91,27 @@ class TargetKV:
         if drop > 0:
             self.cache.crop(-drop)
             self.valid = self.valid[:, :keep]  # [B, S']
+
+
+class Prefill(NamedTuple):
+    """A batch's prompts after the prefill forward (``prefill``)."""
+
+    kv: TargetKV  # holds the prompts, padding marked as holes
+    ids: torch.Tensor  # [B, T]: the prompts, right-padded with id 0
+    lens: torch.Tensor  # [B]: prompt lengths
+    feats: torch.Tensor  # [B, T, H]: the target's features
+    last_logits: torch.Tensor  # [B, V]: logits after each row's last prompt token
+
+
+def prefill(target: nn.Module, prompts: list[list[int]], device: torch.device) -> Prefill:
+    """One target forward over the right-padded ``prompts`` (each non-empty) into a new cache."""
+    b = len(prompts)
+    lens = torch.tensor([len(p) for p in prompts], device=device)  # [B]
+    ids = torch.zeros(b, int(lens.max()), dtype=torch.long, device=device)  # [B, T]
+    for r, p in enumerate(prompts):
+        ids[r, : len(p)] = torch.tensor(p, device=device)
+    kv = TargetKV(target, b, device)
+    feats = kv.forward_block(ids)  # [B, T, H]
+    kv.keep(lens)
+    last = feats[torch.arange(b, device=device), lens - 1]  # [B, H]
+    return Prefill(kv, ids, lens, feats, target.lm_head(last))
