@@ -23,7 +23,7 @@ from padrec_vllm.model.config import PADREC_ARCHITECTURE, HeadConfig  # noqa: E4
 from padrec_vllm.model.head import DraftHead  # noqa: E402
 from padrec_vllm.model.head_checkpoint import save_head  # noqa: E402
 from padrec_vllm.model.padrec_terms import add_padrec_terms  # noqa: E402
-from padrec_vllm.vllm_plugin import step  # noqa: E402
+from padrec_vllm.vllm_plugin import patching, step  # noqa: E402
 from tiny_models import assert_close_to_rounding  # noqa: E402
 
 
@@ -46,8 +46,8 @@ def test_register_is_idempotent():
     step.install()  # a second install (e.g. a reset flag) must not wrap twice
     assert hooks() == first
     for hook in first:
-        assert getattr(hook, step.HOOK_MARK)
-        assert not getattr(hook.__wrapped__, step.HOOK_MARK, False)
+        assert getattr(hook, patching.HOOK_MARK)
+        assert not getattr(hook.__wrapped__, patching.HOOK_MARK, False)
     assert PADREC_ARCHITECTURE in ModelRegistry.get_supported_archs()
 
 
@@ -111,16 +111,18 @@ def test_v2_speculator_keeps_current_draft_step():
 
 def test_missing_symbol_is_named():
     symbol = ("vllm.v1.spec_decode.eagle", "EagleProposer", "no_such_method")
-    with pytest.raises(step.PatchError, match=r"eagle\.EagleProposer\.no_such_method"):
-        step._install_one(symbol, step._v1_hook, ("self",))
-    with pytest.raises(step.PatchError, match="no_such_module"):
-        step._install_one(("no_such_module", "X", "y"), step._v1_hook, ("self",))
+    with pytest.raises(patching.PatchError, match=r"eagle\.EagleProposer\.no_such_method"):
+        patching.install_hook(symbol, step._v1_hook, ("self",))
+    with pytest.raises(patching.PatchError, match="no_such_module"):
+        patching.install_hook(("no_such_module", "X", "y"), step._v1_hook, ("self",))
 
 
 def test_changed_signature_is_named():
     symbol = ("vllm.v1.spec_decode.eagle", "EagleProposer", "propose")
-    with pytest.raises(step.PatchError, match="EagleProposer.propose has parameters"):
-        step._install_one(symbol, step._v1_hook, ("self", "common_attn_metadata", "draft_index"))
+    with pytest.raises(patching.PatchError, match="EagleProposer.propose has parameters"):
+        patching.install_hook(
+            symbol, step._v1_hook, ("self", "common_attn_metadata", "draft_index")
+        )
 
 
 # --- the hooks, with stand-ins for vLLM's objects ---------------------------------------------
@@ -180,7 +182,7 @@ def test_v2_hook_binds_current_draft_step():
     hook(SimpleNamespace(current_draft_step=counter), head)
     assert head.counter is counter
     hook(SimpleNamespace(), nn.Linear(2, 2))  # not a PAD-Rec head: no counter needed
-    with pytest.raises(step.PatchError, match="current_draft_step"):
+    with pytest.raises(patching.PatchError, match="current_draft_step"):
         hook(SimpleNamespace(), _Head())
 
 

@@ -110,6 +110,36 @@ class CatalogTrie:
         )
 
 
+@dataclass(frozen=True)
+class ListSpec:
+    """What one request's list must respect, as engines receive it: ``k`` items, none of
+    ``exclude`` (item ids; unknown ids are ignored). ``start(trie)`` gives the fresh state.
+    ``to_json`` / ``from_json`` carry it across process boundaries (vLLM's structured-output
+    parameters); ``from_json`` raises ValueError naming what is wrong."""
+
+    k: int
+    exclude: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"a list needs k >= 1 items, got k={self.k}")
+
+    def start(self, trie: CatalogTrie) -> ListConstraint:
+        return ListConstraint(trie, self.k, self.exclude)
+
+    def to_json(self) -> dict:
+        return {"k": self.k, "exclude": list(self.exclude)}
+
+    @classmethod
+    def from_json(cls, data: object) -> ListSpec:
+        if not isinstance(data, dict) or not isinstance(data.get("k"), int):
+            raise ValueError(f"a list spec is {{'k': int, 'exclude': [int]}}, got {data!r:.80}")
+        exclude = data.get("exclude", [])
+        if not isinstance(exclude, list) or not all(isinstance(i, int) for i in exclude):
+            raise ValueError("a list spec's 'exclude' must be a list of item ids")
+        return cls(int(data["k"]), tuple(exclude))
+
+
 class ListConstraint:
     """One request's constraint state: a list of up to ``k`` items, none of them in ``exclude``.
 

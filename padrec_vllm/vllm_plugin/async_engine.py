@@ -10,6 +10,11 @@ every verify round's accepted / proposed drafts (``CompletionOutput.spec_decode_
 ``RequestOutput.metrics`` the engine-core timestamps (queued, scheduled, first and last token).
 They are replayed into the one accounting (``decoding.accounting.result_from_rounds``).
 
+A request with a ``ListSpec`` decodes under the catalog constraint through vLLM's structured-output
+path (``structured.py``): the target is masked at every verified position, drafts are cut at the
+first illegal one. vLLM does not skip forced tokens (it verifies them like any other), so
+``forced_tokens`` stays 0 here.
+
 Calibration (``start``): vLLM cannot switch speculation off per request, so a second engine
 without a speculative config decodes the calibration prompts first and is shut down before the
 speculative engine starts; both runs use the same prompts, settings and machine.
@@ -23,6 +28,7 @@ import time
 import uuid
 
 from padrec_vllm.catalog.catalog import LAYOUT_FILE
+from padrec_vllm.catalog.constraint import ListSpec
 from padrec_vllm.catalog.tokens import EOS_ID, TokenLayout
 from padrec_vllm.decoding.accounting import RequestResult, result_from_rounds
 from padrec_vllm.engines import Calibration, EngineError, VllmEngineConfig, calibration_of
@@ -49,7 +55,11 @@ class VllmEngine:
         return int(self._engine.model_config.max_model_len)
 
     async def start(
-        self, warmup_prompts: list[list[int]], max_new_tokens: int, calibrate: bool = True
+        self,
+        warmup_prompts: list[list[int]],
+        max_new_tokens: int,
+        calibrate: bool = True,
+        constraint: ListSpec | None = None,
     ) -> Calibration | None:
         self._slots = TokenLayout.load(self.config.paths.root / LAYOUT_FILE).slot_table()
         self._num_drafts = self.config.draft_tokens()
@@ -59,9 +69,9 @@ class VllmEngine:
         if calibrate:
             engine = await asyncio.to_thread(self._build, False)
             try:
-                await self._run(engine, warmup_prompts[:2], max_new_tokens, 0)
+                await self._run(engine, warmup_prompts[:2], max_new_tokens, 0, constraint)
                 t0 = time.perf_counter()
-                plain = await self._run(engine, warmup_prompts, max_new_tokens, 0)
+                plain = await self._run(engine, warmup_prompts, max_new_tokens, 0, constraint)
                 plain_s = time.perf_counter() - t0
             finally:
                 _shutdown(engine)
@@ -69,11 +79,12 @@ class VllmEngine:
         self._engine = await asyncio.to_thread(self._build, self._num_drafts > 0)
         if not warmup_prompts:
             return None
-        await self._run(self._engine, warmup_prompts[:2], max_new_tokens, self._num_drafts)
+        drafts = self._num_drafts
+        await self._run(self._engine, warmup_prompts[:2], max_new_tokens, drafts, constraint)
         if not calibrate:
             return None
         t0 = time.perf_counter()
-        spec = await self._run(self._engine, warmup_prompts, max_new_tokens, self._num_drafts)
+        spec = await self._run(self._engine, warmup_prompts, max_new_tokens, drafts, constraint)
         rows = min(len(warmup_prompts), self.config.max_batch_size)  # all in flight at once
         return calibration_of(plain, spec, plain_s, time.perf_counter() - t0, rows)
 
@@ -110,28 +121,47 @@ class VllmEngine:
             raise EngineError(f"vLLM failed to start on {c.artifacts}: {exc}") from exc
 
     async def _run(
-        self, engine, prompts: list[list[int]], max_new_tokens: int, num_drafts: int
+        self,
+        engine,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        num_drafts: int,
+        constraint: ListSpec | None = None,
     ) -> list[RequestResult]:
-        calls = (self._one(engine, p, max_new_tokens, num_drafts) for p in prompts)
+        calls = (self._one(engine, p, max_new_tokens, num_drafts, constraint) for p in prompts)
         return list(await asyncio.gather(*calls))
 
-    async def generate(self, prompt: list[int], max_new_tokens: int) -> RequestResult:
+    async def generate(
+        self, prompt: list[int], max_new_tokens: int, constraint: ListSpec | None = None
+    ) -> RequestResult:
         if self._engine is None:
             raise EngineError("vLLM engine is not running")
-        return await self._one(self._engine, prompt, max_new_tokens, self._num_drafts)
+        return await self._one(self._engine, prompt, max_new_tokens, self._num_drafts, constraint)
 
     async def _one(
-        self, engine, prompt: list[int], max_new_tokens: int, num_drafts: int
+        self,
+        engine,
+        prompt: list[int],
+        max_new_tokens: int,
+        num_drafts: int,
+        constraint: ListSpec | None = None,
     ) -> RequestResult:
         from vllm import SamplingParams, TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+        from padrec_vllm.vllm_plugin.structured import grammar_payload
+
+        structured = None
+        if constraint is not None:
+            payload = grammar_payload(self.config.paths.root, constraint)
+            structured = StructuredOutputsParams(grammar=payload)
         params = SamplingParams(
             temperature=0.0,
             max_tokens=max_new_tokens,
             stop_token_ids=[EOS_ID],
             output_kind=RequestOutputKind.FINAL_ONLY,
             detokenize=False,
+            structured_outputs=structured,
         )
         t0 = time.perf_counter()
         final = None

@@ -20,11 +20,11 @@ one it patches.
 from __future__ import annotations
 
 import functools
-import importlib
-import inspect
 from collections.abc import Callable
 
 import torch
+
+from padrec_vllm.vllm_plugin.patching import PatchError, install_hook
 
 # (module, class, attribute) of every vLLM symbol the hooks rely on
 V1_PROPOSER = (
@@ -32,27 +32,6 @@ V1_PROPOSER = (
 )
 V2_SPECULATOR = ("vllm.v1.worker.gpu.spec_decode.eagle.speculator", "EagleSpeculator", "load_model")
 V2_COUNTER = "current_draft_step"
-HOOK_MARK = "_padrec_step_hook"
-
-
-class PatchError(RuntimeError):
-    """A vLLM symbol that the PAD-Rec plugin patches is missing or changed."""
-
-
-def symbol_name(symbol: tuple[str, str, str]) -> str:
-    module, cls, attr = symbol
-    return f"{module}.{cls}.{attr}"
-
-
-def _resolve(symbol: tuple[str, str, str]) -> tuple[type, Callable]:
-    module, cls_name, attr = symbol
-    try:
-        cls = getattr(importlib.import_module(module), cls_name)
-        fn = getattr(cls, attr)
-    except (ImportError, AttributeError) as exc:
-        raise PatchError(f"PAD-Rec vLLM plugin: {symbol_name(symbol)} not found ({exc}); "
-                         "this plugin targets vLLM 0.32.0") from exc
-    return cls, fn
 
 
 def padrec_head(model) -> torch.nn.Module | None:
@@ -94,22 +73,7 @@ def _v2_hook(original: Callable) -> Callable:
     return load_model
 
 
-def _install_one(
-    symbol: tuple[str, str, str], make_hook: Callable, params: tuple[str, ...]
-) -> None:
-    cls, fn = _resolve(symbol)
-    if getattr(fn, HOOK_MARK, False):
-        return
-    names = tuple(inspect.signature(fn).parameters)
-    if names[: len(params)] != params:
-        raise PatchError(f"PAD-Rec vLLM plugin: {symbol_name(symbol)} has parameters {names}, "
-                         f"expected {params}; this plugin targets vLLM 0.32.0")
-    hook = make_hook(fn)
-    setattr(hook, HOOK_MARK, True)
-    setattr(cls, symbol[2], hook)
-
-
 def install() -> None:
     """Set both hooks (idempotent). Raises PatchError naming any missing vLLM symbol."""
-    _install_one(V1_PROPOSER, _v1_hook, ("self", "common_attn_metadata", "draft_index"))
-    _install_one(V2_SPECULATOR, _v2_hook, ("self", "target_model"))
+    install_hook(V1_PROPOSER, _v1_hook, ("self", "common_attn_metadata", "draft_index"))
+    install_hook(V2_SPECULATOR, _v2_hook, ("self", "target_model"))
