@@ -2,8 +2,9 @@
 
 Constrained by default (``BenchConfig.constrained``): every method decodes under the catalog
 constraint, one ``CatalogTrie`` per run and a fresh ``ListConstraint`` per request per method
-(``BenchSetup.constraints``); only the reference engine's ``ar``, ``forced`` and chain methods
-(``HEAD``, ``HEAD+int8``) run so. ``constrained=False`` is the free decoding of before.
+(``BenchSetup.constraints``; the vLLM bench sends ``BenchSetup.specs`` through vLLM's
+structured-output path). Gated and tree drafting do not run so. ``constrained=False`` is the free
+decoding of before.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from padrec_vllm.artifacts import ArtifactPaths
 from padrec_vllm.bench.methods import parse_method
 from padrec_vllm.catalog.catalog import Catalog
-from padrec_vllm.catalog.constraint import CatalogTrie, ListConstraint
+from padrec_vllm.catalog.constraint import CatalogTrie, ListConstraint, ListSpec
 from padrec_vllm.data.s3rec import leave_one_out, load_dataset
 from padrec_vllm.decoding.accounting import RequestResult
 from padrec_vllm.errors import UserError
@@ -55,13 +56,18 @@ class BenchSetup:
     def prompts(self) -> list[list[int]]:
         return [list(p) for p in self.users.prompts]
 
-    def constraints(self, start: int = 0, stop: int | None = None) -> list[ListConstraint] | None:
-        """Fresh constraints of users ``start:stop`` (one per request), or None unconstrained."""
+    def specs(self, start: int = 0, stop: int | None = None) -> list[ListSpec] | None:
+        """What the lists of users ``start:stop`` must respect, or None unconstrained."""
         if self.trie is None:
             return None
         hist = self.users.histories[start:stop] if self.exclude_history else ()
         n = len(self.users.users[start:stop])
-        return [ListConstraint(self.trie, self.list_len, hist[i] if hist else ()) for i in range(n)]
+        return [ListSpec(self.list_len, tuple(hist[i]) if hist else ()) for i in range(n)]
+
+    def constraints(self, start: int = 0, stop: int | None = None) -> list[ListConstraint] | None:
+        """Fresh constraints of users ``start:stop`` (one per request), or None unconstrained."""
+        specs = self.specs(start, stop)
+        return None if specs is None else [s.start(self.trie) for s in specs]
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,9 @@ def bench_users(split, catalog: Catalog, history: int, n: int, seed: int = 0) ->
 
 def _check_constraint(cfg: BenchConfig, name: str, spec) -> None:
     """UserError for a method the constraint setting does not allow (module docstring)."""
+    if name == "forced" and cfg.engine != "reference":
+        raise UserError("method 'forced' (plain decoding that skips forced tokens) runs on the "
+                        f"reference engine only; the {cfg.engine} engine verifies forced tokens")
     if not cfg.constrained:
         if name == "forced":
             raise UserError("method 'forced' (plain decoding that skips forced tokens) needs the "
@@ -98,9 +107,6 @@ def bench_setup(cfg: BenchConfig, builtin: tuple[str, ...] = ("ar", "forced")) -
     paths = ArtifactPaths(cfg.artifacts)
     if cfg.exclude_history and not cfg.constrained:
         raise UserError("--exclude-history needs the constraint; drop --unconstrained")
-    if cfg.constrained and cfg.engine != "reference":
-        raise UserError(f"the {cfg.engine} engine does not decode under the catalog constraint "
-                        "yet; pass --unconstrained")
     info = paths.read_build_info()
     if "ar" not in cfg.methods:
         raise UserError("--methods must include ar (the baseline for speedup and identical_rate)")

@@ -3,6 +3,10 @@
 Same JSON as the reference engine's bench (``padrec_vllm.bench.report``). Methods: ``ar`` (no
 speculation), ``ngram`` (vLLM's prompt lookup, ``NGRAM``), and any trained head under
 ``heads/<name>`` (``eagle``, ``padrec``) through ``speculative_config={"method": "eagle", ...}``.
+Constrained by default, as the reference bench: each request carries its list constraint in its
+structured-output parameters (``structured.grammar_payload``); vLLM masks the target at every
+verified position and cuts drafts at the first illegal one. vLLM verifies forced tokens like any
+other (no ``forced`` method here).
 
 How it runs: one engine per method, built in turn in this process and shut down before the next
 (so methods are not interleaved round-robin as in the reference bench: machine noise is not
@@ -28,6 +32,7 @@ from tqdm.auto import tqdm
 
 from padrec_vllm.artifacts import ArtifactPaths
 from padrec_vllm.bench import BenchConfig, MethodRun, bench_result, bench_setup
+from padrec_vllm.catalog.constraint import ListSpec
 from padrec_vllm.catalog.tokens import EOS_ID
 from padrec_vllm.decoding import result_from_rounds
 
@@ -52,10 +57,16 @@ def run_method(
     k: int,
     slots: list[int] | None,
     enforce_eager: bool,
+    specs: list[ListSpec] | None = None,
+    catalog_dir: Path | None = None,
 ) -> MethodRun:
-    """One engine: warm-up batch (excluded), then every prompt, ``batch_size`` per call."""
+    """One engine: warm-up batch (excluded), then every prompt, ``batch_size`` per call; under
+    ``specs[i]`` (lists of the catalog in ``catalog_dir``) when given."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import StructuredOutputsParams
+
+    from padrec_vllm.vllm_plugin.structured import grammar_payload
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # vLLM's CPU default takes most RAM
     extra = {"per_request_spec_decode_metrics": "detailed"} if spec is not None else {}
@@ -69,13 +80,18 @@ def run_method(
         **extra,
     )
     try:
-        params = SamplingParams(temperature=0, max_tokens=limit, stop_token_ids=[EOS_ID])
+        def params(i: int) -> SamplingParams:
+            structured = None
+            if specs is not None:
+                structured = StructuredOutputsParams(grammar=grammar_payload(catalog_dir, specs[i]))
+            return SamplingParams(temperature=0, max_tokens=limit, stop_token_ids=[EOS_ID],
+                                  structured_outputs=structured)
 
-        def call(chunk: list[list[int]]):
-            batch = [TokensPrompt(prompt_token_ids=p) for p in chunk]
-            return llm.generate(batch, params, use_tqdm=False)
+        def call(start: int, stop: int):
+            batch = [TokensPrompt(prompt_token_ids=p) for p in prompts[start:stop]]
+            return llm.generate(batch, [params(i) for i in range(start, stop)], use_tqdm=False)
 
-        call(prompts[:batch_size])  # warm-up
+        call(0, batch_size)  # warm-up
         results, latency, wall = [], [], 0.0
         label = (
             "ar"
@@ -89,7 +105,7 @@ def run_method(
         ):
             chunk = prompts[start : start + batch_size]
             t0 = time.perf_counter()
-            outs = call(chunk)
+            outs = call(start, start + len(chunk))
             secs = time.perf_counter() - t0
             wall += secs
             latency += [1000 * secs] * len(chunk)
@@ -129,6 +145,8 @@ def run_vllm_bench(cfg: BenchConfig, *, enforce_eager: bool = False) -> dict:
             k=k,
             slots=slots,
             enforce_eager=enforce_eager,
+            specs=setup.specs(),
+            catalog_dir=setup.paths.root,
         )
         for name in names
     }
