@@ -1,0 +1,129 @@
+"""The list constraint as vLLM's structured-output grammar (``vllm_plugin.structured``), without
+an engine: the grammar follows ``ListConstraint`` exactly, its bitmask is the legal set, the
+front-end hook refuses malformed payloads with vLLM's own validation error, and the vLLM code it
+relies on is pinned (an engine run is in test_vllm_bench.py and test_server_vllm.py)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+from padrec_vllm.catalog.constraint import ListSpec, allowed_mask  # noqa: E402
+from padrec_vllm.catalog.tokens import TokenLayout  # noqa: E402
+from padrec_vllm.vllm_plugin import structured  # noqa: E402
+from test_constraint import random_catalog  # noqa: E402
+
+LAYOUT = TokenLayout((4, 3, 2))
+
+
+@pytest.fixture(scope="module")
+def catalog_dir(tmp_path_factory):
+    cat = random_catalog(5, 18, LAYOUT)
+    out = tmp_path_factory.mktemp("catalog")
+    cat.save(out)
+    return out
+
+
+def unpack(row: torch.Tensor, vocab: int) -> list[int]:
+    """Token ids whose bit is set in one int32 bitmask row."""
+    bits = [(int(w) >> b) & 1 for w in row.tolist() for b in range(32)]
+    return [t for t in range(vocab) if bits[t]]
+
+
+def test_payload_round_trip_and_errors(catalog_dir):
+    spec = ListSpec(3, (100, 107))
+    text = structured.grammar_payload(catalog_dir, spec)
+    assert text.startswith(structured.MARKER)
+    assert structured.parse_payload(text) == (catalog_dir.resolve(), spec)
+    for bad, needle in [("{", "not JSON"), ('{"k": 2}', "catalog"),
+                        ('{"catalog": "x", "k": 0}', "k >= 1"),
+                        ('{"catalog": "x", "k": 2, "exclude": "a"}', "exclude")]:
+        with pytest.raises(ValueError, match=needle):
+            structured.parse_payload(structured.MARKER + bad)
+
+
+def test_grammar_follows_the_constraint(catalog_dir):
+    """Random walks of legal tokens with rejected drafts and rollbacks: the grammar's answers
+    and bitmask rows equal a ListConstraint driven the same way."""
+    trie = structured.catalog_trie(catalog_dir.resolve())
+    assert structured.catalog_trie(catalog_dir.resolve()) is trie  # built once per process
+    vocab = LAYOUT.vocab_size + 5  # vLLM's vocabulary may be padded past the layout's
+    backend = structured.ListBackend(None, tokenizer=None, vocab_size=vocab)
+    rng = random.Random(0)
+    for trial in range(20):
+        spec = ListSpec(rng.randint(1, 6), tuple(rng.sample(trie.item_ids.tolist(), 3)))
+        from vllm.v1.structured_output.backend_types import StructuredOutputOptions
+
+        grammar = backend.compile_grammar(
+            StructuredOutputOptions.GRAMMAR, structured.grammar_payload(catalog_dir, spec)
+        )
+        mirror = spec.start(trie)
+        bitmask = backend.allocate_token_bitmask(2)
+        while not grammar.is_terminated():
+            grammar.fill_bitmask(bitmask, 1)
+            legal = mirror.allowed().tolist()
+            assert unpack(bitmask[1], vocab) == legal
+            assert allowed_mask([mirror], vocab)[0].nonzero().flatten().tolist() == legal
+            # a draft of two legal tokens and one illegal: validate keeps the legal prefix
+            cp, draft = mirror.checkpoint(), []
+            for _ in range(2):
+                if mirror.is_done():
+                    break
+                draft.append(rng.choice(mirror.allowed().tolist()))
+                mirror.accept(draft[-1])
+            mirror.rollback(cp)
+            assert grammar.validate_tokens(draft + [-7]) == draft
+            assert not grammar.accept_tokens("r", draft + [-7])  # all or nothing
+            assert grammar.accept_tokens("r", draft)
+            grammar.rollback(len(draft))
+            tok = rng.choice(legal)
+            assert grammar.accept_tokens("r", [tok])
+            mirror.accept(tok)
+        assert mirror.is_done() and len(mirror.items) == min(spec.k, len(trie.item_ids) - 3)
+        grammar.reset()
+        assert not grammar.is_terminated()
+
+
+def test_frontend_hook_refuses_bad_payloads(catalog_dir):
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams, StructuredOutputsParams
+
+    import padrec_vllm.vllm_plugin as plugin
+
+    plugin.register()
+    config = type("StructuredOutputsConfig", (), {"backend": "auto"})()
+
+    def validate(grammar: str) -> StructuredOutputsParams:
+        params = SamplingParams(structured_outputs=StructuredOutputsParams(grammar=grammar))
+        params._validate_structured_outputs(None, config, tokenizer=object())
+        return params.structured_outputs
+
+    ok = validate(structured.grammar_payload(catalog_dir, ListSpec(2)))
+    assert ok._backend == structured.BACKEND
+    with pytest.raises(VLLMValidationError, match="k >= 1"):
+        validate(structured.MARKER + json.dumps({"catalog": str(catalog_dir), "k": 0}))
+    with pytest.raises(VLLMValidationError, match="no catalog directory"):
+        validate(structured.grammar_payload(catalog_dir / "missing", ListSpec(2)))
+
+
+def test_vllm_structured_output_code_is_as_pinned():
+    """The scheduler's use of a grammar that the hooks rely on (vLLM 0.32.0 source)."""
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    import padrec_vllm.vllm_plugin as plugin
+
+    plugin.register()
+    init = inspect.getsource(StructuredOutputManager.grammar_init.__wrapped__)
+    assert "request.structured_output_request.grammar = grammar" in init
+    masks = inspect.getsource(StructuredOutputManager.grammar_bitmask)
+    assert "self.backend.allocate_token_bitmask(" in masks
+    assert "grammar.rollback(state_advancements)" in masks
+    validate = inspect.getsource(StructuredOutputManager.validate_tokens)
+    assert "grammar.validate_tokens(" in validate
