@@ -52,10 +52,10 @@ class NullEngine:
         catalog = Catalog.load(settings.artifacts)
         self.tokens = catalog.completion_ids(sorted(catalog.item_to_sid)[:3], finished=True)
 
-    async def start(self, warmup_prompts, max_new_tokens, calibrate=True):
+    async def start(self, warmup_prompts, max_new_tokens, calibrate=True, constraint=None):
         return None
 
-    async def generate(self, prompt, max_new_tokens):
+    async def generate(self, prompt, max_new_tokens, constraint=None):
         from padrec_vllm.engines import RequestResult
 
         forwards = len(self.tokens) - 1

@@ -16,6 +16,7 @@ def check(settings: Settings) -> Recommender:
         settings.artifacts,
         max_history=settings.max_history,
         extra_items=settings.extra_items,
+        constrained=settings.constrained,
         data_dir=settings.data_dir,
     )
     paths = ArtifactPaths(settings.artifacts)

@@ -7,6 +7,10 @@ The speedup figures:
   ``padrec_calibration_identical_output_ratio`` says whether both runs agreed token for token.
 - ``padrec_speedup{method="live"}``: plain decode seconds per token measured at calibration,
   divided by the decode seconds per token of the speculative requests served since start-up.
+
+The catalog constraint: ``padrec_constrained`` is 1 when it is on (``PADREC_CONSTRAINED``);
+``padrec_forced_tokens_total`` counts the tokens it forced that the engine appended unverified;
+the invalid / duplicate / history item counters then stay at 0.
 """
 
 from __future__ import annotations
@@ -39,6 +43,18 @@ class ServerMetrics:
         )
         self.generated_tokens = Counter(
             "padrec_generated_tokens", "tokens the engine generated", registry=r
+        )
+        self.forced_tokens = Counter(
+            "padrec_forced_tokens",
+            "tokens the catalog constraint forced (the only legal one) that the engine appended "
+            "without a target forward choosing them (0 where the engine verifies them: vLLM, "
+            "plain reference batches)",
+            registry=r,
+        )
+        self.constrained = Gauge(
+            "padrec_constrained",
+            "1 when lists are decoded under the catalog constraint (PADREC_CONSTRAINED), else 0",
+            registry=r,
         )
         self.target_forwards = Counter(
             "padrec_target_forwards", "target forwards after prefill (verify rounds)", registry=r
@@ -78,6 +94,7 @@ class ServerMetrics:
         self.tau = Gauge(
             "padrec_tau", "tokens per target forward while decoding, since start", registry=r
         )
+        # per answer; under the catalog constraint invalid, duplicate and history stay 0
         self.generated_items = Counter(
             "padrec_generated_items", "items the model generated", registry=r
         )
@@ -133,6 +150,9 @@ class ServerMetrics:
     def set_slot_labels(self, labels: dict[int, str]) -> None:
         self.slot_labels = dict(labels)
 
+    def set_constrained(self, on: bool) -> None:
+        self.constrained.set(1 if on else 0)
+
     def set_calibration(self, c: Calibration) -> None:
         self.speedup.labels("calibration").set(c.speedup)
         self.calib_identical.set(c.identical_rate)
@@ -143,6 +163,7 @@ class ServerMetrics:
 
     def observe_generation(self, g: RequestResult) -> None:
         self.generated_tokens.inc(len(g.tokens))
+        self.forced_tokens.inc(g.forced_tokens)
         self.target_forwards.inc(g.target_forwards)
         self.decode_seconds.inc(g.decode_s)
         self.decode_tokens.inc(g.decode_tokens)

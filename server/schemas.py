@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints
 
 MAX_LIST_LEN = 50  # most items one recommendation returns (k)
+DEFAULT_K = 10  # k of a request that does not say (also the start-up calibration's)
 
 UserId = Annotated[str, StringConstraints(max_length=256)] | StrictInt
 
@@ -20,7 +21,7 @@ class RecommendRequest(BaseModel):
     )
 
     history: list[StrictInt] = Field(description="item ids the user interacted with, oldest first")
-    k: StrictInt = Field(10, ge=1, le=MAX_LIST_LEN, description="number of items to return")
+    k: StrictInt = Field(DEFAULT_K, ge=1, le=MAX_LIST_LEN, description="number of items to return")
     user_id: UserId | None = Field(None, description="echoed back, for the caller's bookkeeping")
     exclude_history: StrictBool = Field(True, description="never recommend an item of the history")
     unknown_items: Literal["error", "ignore"] = Field(
@@ -59,6 +60,15 @@ class GenerationInfo(BaseModel):
     in_history: int = Field(description="history items dropped (exclude_history)")
     filled: int = Field(description="items taken from the most-popular list")
     finished: bool = Field(description="the model ended its list with <eos>")
+    forced: int = Field(
+        description="tokens the constraint forced (the only legal one) that the engine appended "
+        "without a target forward choosing them; 0 without the constraint and where the engine "
+        "verifies them (vLLM, plain reference batches)"
+    )
+    constrained: bool = Field(
+        description="the list was decoded under the catalog constraint (false without it and "
+        "for a cold start: no model call)"
+    )
 
 
 class Latency(BaseModel):
@@ -123,5 +133,8 @@ class Readiness(BaseModel):
     head: str | None
     num_draft_tokens: int
     fallback: str = Field(description="source of the most-popular list")
+    constrained: bool = Field(
+        description="lists are decoded under the catalog constraint (PADREC_CONSTRAINED)"
+    )
     error: str | None = None
     calibration: dict | None = Field(None, description="start-up speedup calibration")

@@ -34,7 +34,14 @@ class Settings(BaseSettings):
     max_history: int | None = Field(
         None, ge=1, description="history items in the prompt; default: the preset's H"
     )
-    extra_items: int = Field(5, ge=0, description="items generated beyond k (room for filtering)")
+    constrained: bool = Field(
+        True, description="decode every list under the catalog constraint (k distinct catalog "
+        "items, none from the history); off: free decoding, then repair and popularity fill"
+    )
+    extra_items: int = Field(
+        5, ge=0, description="without the constraint: items generated beyond k (room for "
+        "filtering); unused under the constraint"
+    )
     max_body_bytes: int = Field(MIB, ge=1024, description="larger request bodies get 413")
     retry_after_s: int = Field(1, ge=1, description="Retry-After of a 503")
     calibration_requests: int = Field(

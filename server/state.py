@@ -4,7 +4,9 @@
 the status that ``/healthz`` and ``/readyz`` report (``starting`` -> ``ready`` | ``failed``; a
 ready engine that dies turns ``failed``). A request is admitted (``admit``, or 503 through
 ``Unavailable``), planned by the recommender, decoded by the engine unless it is a cold start,
-answered with exactly k items and its figures, and released.
+answered with exactly k items and its figures, and released. Under the catalog constraint
+(``PADREC_CONSTRAINED``, the default) the plan's ``ListSpec`` goes to the engine with the prompt,
+and the start-up warm-up and calibration decode under ``ListSpec(k=DEFAULT_K)``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from padrec_vllm.engines import Calibration, Engine, RequestResult
 from server.checks import check
 from server.metrics import ServerMetrics
 from server.recommender import Plan, Recommender
-from server.schemas import Latency, Readiness, RecommendResponse, SpecInfo
+from server.schemas import DEFAULT_K, Latency, Readiness, RecommendResponse, SpecInfo
 from server.settings import Settings
 
 log = logging.getLogger("padrec.server")
@@ -55,6 +57,7 @@ class ServerState:
         """Load the catalog (UserError when unusable), then start the engine in the background."""
         self.recommender = check(self.settings)
         self.metrics.set_slot_labels(self.recommender.catalog.layout.slot_labels())
+        self.metrics.set_constrained(self.settings.constrained)
         self.task = asyncio.create_task(self.start_engine(), name="padrec-engine-start")
 
     async def shutdown(self) -> None:
@@ -67,14 +70,18 @@ class ServerState:
             await self.engine.close()
 
     async def start_engine(self) -> None:
-        """Build, warm up and calibrate the engine; any failure leaves the state ``failed``."""
+        """Build, warm up and calibrate the engine (lists of ``DEFAULT_K`` items, under the
+        constraint when it is on); any failure leaves the state ``failed``."""
         rec, s = self.recommender, self.settings
         try:
             self.engine = self.engine_factory(s)
             prompts = rec.warmup_prompts(max(s.calibration_requests, 2))
-            budget = rec.budget(10, len(prompts[0]))
+            budget = rec.budget(DEFAULT_K, len(prompts[0]))
             self.calibration = await self.engine.start(
-                prompts, budget, calibrate=s.calibration_requests > 0
+                prompts,
+                budget,
+                calibrate=s.calibration_requests > 0,
+                constraint=rec.list_spec(DEFAULT_K),
             )
             rec.max_model_len = min(rec.max_model_len or 1 << 30, self.engine.max_model_len)
             if self.calibration is not None:
@@ -88,10 +95,11 @@ class ServerState:
                 )
             self.status = "ready"
             log.info(
-                "ready: %s engine, head %s, K=%d",
+                "ready: %s engine, head %s, K=%d, %s",
                 self.engine.name,
                 self.engine.config.head,
                 self.engine.num_draft_tokens,
+                "catalog constraint on" if rec.constrained else "free decoding (no constraint)",
             )
         except asyncio.CancelledError:
             raise
@@ -145,7 +153,9 @@ class ServerState:
         engine_s = 0.0
         if not plan.cold_start:
             t_engine = time.perf_counter()
-            gen = await self.engine.generate(plan.prompt, plan.max_new_tokens)
+            gen = await self.engine.generate(
+                plan.prompt, plan.max_new_tokens, constraint=plan.constraint
+            )
             engine_s = time.perf_counter() - t_engine
             metrics.observe_generation(gen)
         ans = rec.answer(plan, gen)
@@ -191,6 +201,7 @@ class ServerState:
             head=self.settings.head if self.settings.speculative else None,
             num_draft_tokens=engine.num_draft_tokens if engine and self.status == "ready" else 0,
             fallback=rec.popularity_source if rec else "?",
+            constrained=self.settings.constrained,
             error=self.error,
             calibration=calib,
         )

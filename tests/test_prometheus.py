@@ -135,7 +135,11 @@ def test_prometheus_reads_the_servers_series(server, prometheus, traffic, tiny_a
     slots = {s["metric"]["slot"] for s in
              query(prometheus, 'padrec_drafted_by_slot_total{job="padrec"}')}
     labels = set(Catalog.load(tiny_artifacts).layout.slot_labels().values())
-    assert {"L0", "sep"} <= slots <= labels, (slots, labels)
+    # under the catalog constraint (the default) <sep> is always forced, so never drafted
+    assert "L0" in slots and slots <= labels and "sep" not in slots, (slots, labels)
+    for name in ("padrec_constrained", "padrec_forced_tokens_total"):
+        (sample,) = query(prometheus, f'{name}{{job="padrec"}}')
+        assert float(sample["value"][1]) == server_metric(server, name) > 0, name
     (latency,) = query(prometheus, 'sum(padrec_request_duration_seconds_count'
                                    '{job="padrec", endpoint="/recommend", status="200"})')
     assert float(latency["value"][1]) == traffic

@@ -1,4 +1,5 @@
-"""The HTTP server on the tiny build with the reference engine: answers, bad input, metrics.
+"""The HTTP server on the tiny build with the reference engine: answers, bad input, metrics;
+under the catalog constraint (the default) and without it (``PADREC_CONSTRAINED=false``).
 
 Fake engines for the states a real one reaches only by accident (slow, failing, not ready):
 test_server_states.py; settings, the start-up check and ``padrec serve``: test_server_cli.py;
@@ -7,13 +8,17 @@ vLLM: test_server_vllm.py. The helpers here are shared with those files."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from padrec_vllm.catalog.catalog import Catalog
-from server import create_app
+from padrec_vllm.catalog.constraint import CatalogTrie, ListSpec
+from padrec_vllm.engines import RequestResult
+from server import Settings, create_app
+from server.schemas import RecommendRequest
 
 MIB = 1 << 20
 
@@ -96,7 +101,11 @@ def check_answer(
     positions = spec["acceptance_by_position"]
     assert len(positions) == (body["num_draft_tokens"] if spec["speculative"] else 0)
     assert all(0.0 <= rate <= 1.0 for rate in positions)
-    assert positions == sorted(positions, reverse=True), "position j needs 1..j-1 accepted"
+    if not body["generation"]["constrained"]:
+        # every round proposes K drafts, so position j's rate is over the same rounds as j - 1's
+        # and cannot exceed it; under the constraint vLLM cuts a round's drafts at the first
+        # illegal one, so later positions are proposed in fewer rounds and their rate may be higher
+        assert positions == sorted(positions, reverse=True), "position j needs 1..j-1 accepted"
     if spec["speculative"]:  # a round proposes at most K drafts
         assert 0 < spec["draft_tokens"] <= spec["target_forwards"] * len(positions)
     else:
@@ -160,29 +169,124 @@ def test_recommend_returns_k_items(client, catalog, k):
 
 def assert_model_items_are_greedy(client, catalog: Catalog, target_dir: Path,
                                   check_generation: bool = False) -> None:
-    """The server's model items equal the target's plain greedy list, filtered (any engine);
-    with ``check_generation``, the response's generated item count matches that list too."""
+    """The server's model items equal the target's plain greedy list (any engine): under the
+    constraint plain constrained greedy's list for the request's ``ListSpec`` (``decoding.generate``
+    with ``constraints``), all k of them from the model; without it the free greedy list,
+    filtered. With ``check_generation``, the response's generated item count matches too."""
     from padrec_vllm.catalog.tokens import EOS_ID
     from padrec_vllm.decoding import generate
     from padrec_vllm.model.target import load_target
 
     target = load_target(Path(target_dir))
-    budget = client.app.state.server.recommender.budget
-    for history in ([1, 2, 3], [40, 41, 42, 43, 44], [90]):
-        prompt = catalog.prompt_ids(history, 5)
-        plain = generate(
-            target, [prompt], max_new_tokens=budget(4, len(prompt)), eos_id=EOS_ID, batch_size=1
+    rec = client.app.state.server.recommender
+    trie = CatalogTrie.from_catalog(catalog)
+    for history, exclude in (([1, 2, 3], True), ([40, 41, 42, 43, 44], True), ([90], False)):
+        prompt = catalog.prompt_ids(history, rec.max_history)
+        spec = rec.list_spec(4, history, exclude)
+        ref = generate(
+            target,
+            [prompt],
+            max_new_tokens=rec.budget(4, len(prompt)),
+            eos_id=EOS_ID,
+            batch_size=1,
+            constraints=None if spec is None else [spec.start(trie)],
         )[0]
-        body = client.post("/recommend", json={"history": history, "k": 4}).json()
+        body = client.post(
+            "/recommend", json={"history": history, "k": 4, "exclude_history": exclude}
+        ).json()
         got = [it["item_id"] for it in body["items"] if it["source"] == "model"]
-        assert got == model_items(catalog, plain.tokens, history, 4)
+        if spec is None:
+            assert got == model_items(catalog, ref.tokens, history if exclude else [], 4)
+        else:
+            assert spec == ListSpec(4, tuple(history) if exclude else ())
+            assert got == list(catalog.parse(ref.tokens).items) and len(got) == 4
+        assert body["generation"]["constrained"] == (spec is not None)
         if check_generation:
-            assert body["generation"]["items"] == len(catalog.parse(plain.tokens).items)
+            assert body["generation"]["items"] == len(catalog.parse(ref.tokens).items)
 
 
 def test_model_items_are_the_greedy_list(client, catalog, tiny_artifacts):
-    """Speculation is lossless: the model items are the target's plain greedy list, filtered."""
+    """Speculation is lossless under the constraint: the model items are plain constrained
+    greedy's list of the same prompt and ``ListSpec``."""
+    assert client.app.state.server.recommender.constrained
     assert_model_items_are_greedy(client, catalog, Path(tiny_artifacts) / "target")
+
+
+# (history, k, exclude_history): requests whose catalog has at least k legal items
+CONSTRAINED_CASES = [
+    ([3, 4, 5, 6], 4, True),
+    ([10, 11, 12], 10, True),
+    ([7], 1, True),
+    (list(range(1, 31)), 8, True),  # the prompt holds the newest 5, all 30 are excluded
+    ([20, 21, 22], 10, False),
+]
+
+
+@pytest.mark.parametrize("history,k,exclude", CONSTRAINED_CASES)
+def test_constrained_answers_are_all_the_models(client, catalog, history, k, exclude):
+    """Under the constraint the model gives all k items: valid, distinct, none excluded, nothing
+    dropped or filled."""
+    r = client.post("/recommend", json={"history": history, "k": k, "exclude_history": exclude})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    check_answer(body, catalog, history, k, exclude)
+    assert all(it["source"] == "model" for it in body["items"])
+    gen = body["generation"]
+    assert gen["constrained"] and gen["finished"] and gen["items"] == k
+    assert gen["invalid"] == gen["duplicate"] == gen["in_history"] == gen["filled"] == 0
+    assert gen["forced"] >= 0 and not any("filled" in n for n in body["notes"])
+
+
+def test_constrained_plan(client):
+    """The plan carries ListSpec(k, every known history item when exclude_history) and a budget
+    of exactly k items and <eos> (cut by the model's length); a cold start has no constraint."""
+    rec = client.app.state.server.recommender
+    per_item = rec.catalog.layout.tokens_per_item
+    plan = rec.plan(RecommendRequest(history=list(range(1, 31)) + [3], k=5))
+    assert plan.constraint == ListSpec(5, tuple(range(1, 31))) and len(plan.used) == 5
+    assert plan.max_new_tokens == 5 * per_item + 1
+    plan = rec.plan(RecommendRequest(history=[4, 5], k=3, exclude_history=False))
+    assert plan.constraint == ListSpec(3, ()) and plan.max_new_tokens == 3 * per_item + 1
+    plan = rec.plan(RecommendRequest(history=[4, 5], k=50))
+    assert plan.max_new_tokens == rec.max_model_len - len(plan.prompt) < 50 * per_item + 1
+    assert rec.plan(RecommendRequest(history=[])).constraint is None
+
+
+def test_constrained_list_cut_by_the_model_length_is_filled(client, catalog):
+    """k=50 does not fit the tiny model's 256 positions: the model gives what fits (a trailing
+    partial item is no invalid code), the most-popular list the rest, and the notes say why."""
+    history = [3, 4, 5]
+    body = client.post("/recommend", json={"history": history, "k": 50}).json()
+    check_answer(body, catalog, history, 50)
+    gen = body["generation"]
+    assert gen["constrained"] and not gen["finished"]
+    assert gen["invalid"] == gen["duplicate"] == gen["in_history"] == 0
+    plan = client.app.state.server.recommender.plan(RecommendRequest(history=history, k=50))
+    fit = plan.max_new_tokens // catalog.layout.tokens_per_item
+    assert fit <= gen["items"] <= fit + 1 and gen["filled"] == 50 - gen["items"] > 0
+    assert any("maximum length" in n and "filled" in n for n in body["notes"]), body["notes"]
+
+
+def test_partial_item_is_not_invalid_under_the_constraint(client, catalog):
+    """Unit: a constrained list cut inside an item keeps its complete items and counts nothing
+    invalid; without the constraint the same cut is an invalid code, as before."""
+    rec = client.app.state.server.recommender
+    plan = rec.plan(RecommendRequest(history=[1, 2], k=3))
+    tokens = catalog.completion_ids([5, 6], finished=False) + catalog.item_token_ids(7)[:2]
+    gen = RequestResult(tokens=tokens, target_forwards=len(tokens) - 1)
+    ans = rec.answer(plan, gen)
+    assert ans.invalid == 0 and ans.generated_items == 2 and ans.generation.filled == 1
+    free = rec.answer(replace(plan, constraint=None), gen)
+    assert free.invalid == 1 and free.generated_items == 3
+
+
+def test_every_item_excluded_gives_an_empty_answer(client, catalog):
+    """No legal item at all: the engine ends the list at once and the fill finds nothing."""
+    history = sorted(catalog.item_to_sid)
+    body = client.post("/recommend", json={"history": history, "k": 3}).json()
+    assert body["items"] == [] and body["generation"]["items"] == 0
+    assert body["generation"]["finished"] and body["generation"]["constrained"]
+    assert "cannot be met" in body["notes"][-1]
 
 
 def test_exclude_history_false_allows_history_items(client, catalog):
@@ -244,6 +348,10 @@ def test_k_larger_than_the_catalog_outside_history(client, catalog):
     body = client.post("/recommend", json={"history": history, "k": 50}).json()
     assert len(body["items"]) == 36 and not {it["item_id"] for it in body["items"]} & set(history)
     assert "cannot be met" in body["notes"][-1]
+    # under the constraint the model lists every legal item, then ends: nothing to fill
+    assert all(it["source"] == "model" for it in body["items"])
+    assert body["generation"]["finished"] and body["generation"]["filled"] == 0
+    assert any("no legal catalog item" in n for n in body["notes"]), body["notes"]
 
 
 def test_malformed_json_is_400(client):
@@ -319,12 +427,14 @@ def test_metrics(client):
         'padrec_drafted_by_position_total{position="3"}',
         'padrec_accepted_by_position_total{position="1"}',
         'padrec_drafted_by_slot_total{slot="L0"}',
-        'padrec_accepted_by_slot_total{slot="sep"}',
+        'padrec_accepted_by_slot_total{slot="L0"}',
         "padrec_invalid_items_total",
         "padrec_duplicate_items_total",
         "padrec_filled_items_total",
         "padrec_history_items_generated_total",
         "padrec_invalid_item_rate",
+        "padrec_forced_tokens_total",
+        "padrec_constrained 1.0",
         "padrec_tau",
         "padrec_in_flight_requests 0.0",
         'padrec_speedup{method="calibration"}',
@@ -355,4 +465,51 @@ def test_metrics(client):
     slots = {n.split('slot="')[1].split('"')[0] for n in values
              if n.startswith("padrec_drafted_by_slot")}
     layout = client.app.state.server.recommender.catalog.layout
-    assert slots <= set(layout.slot_labels().values()) and {"L0", "sep"} <= slots
+    assert slots <= set(layout.slot_labels().values()) and "L0" in slots
+    assert not slots & {"sep", "special"}  # always forced under the constraint: never drafted
+    # the catalog constraint: nothing invalid, repeated or from the history was ever generated,
+    # and the speculative chains appended forced tokens (every <sep>, <eos>) unverified
+    assert values["padrec_constrained"] == 1.0
+    assert values["padrec_recommendations_total"] > 10
+    assert values["padrec_generated_items_total"] > 0
+    for series in ("invalid_items", "duplicate_items", "history_items_generated"):
+        assert values[f"padrec_{series}_total"] == 0, series
+    assert values["padrec_invalid_item_rate"] == 0
+    assert values["padrec_forced_tokens_total"] > 0
+    assert client.get("/readyz").json()["constrained"] is True
+
+
+# --------------------------------------------------------------------------- without the constraint
+
+
+@pytest.fixture(scope="module")
+def free_client(settings):
+    """The app with ``PADREC_CONSTRAINED=false`` from the environment: free decoding."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PADREC_CONSTRAINED", "false")
+        free = Settings(**settings.model_dump(exclude={"constrained", "calibration_requests"}),
+                        calibration_requests=2)
+    assert not free.constrained
+    with TestClient(create_app(free)) as c:
+        wait_ready(c)
+        yield c
+
+
+def test_unconstrained_is_free_decoding_repaired(free_client, catalog, tiny_artifacts):
+    """PADREC_CONSTRAINED=false: today's behaviour, the free greedy list (k + extra items),
+    filtered and filled; no constraint reaches the engine."""
+    assert free_client.get("/readyz").json()["constrained"] is False
+    rec = free_client.app.state.server.recommender
+    plan = rec.plan(RecommendRequest(history=[1, 2], k=4))
+    assert plan.constraint is None
+    assert plan.max_new_tokens == (4 + 5) * catalog.layout.tokens_per_item + 1
+    assert_model_items_are_greedy(
+        free_client, catalog, Path(tiny_artifacts) / "target", check_generation=True
+    )
+    history = [3, 4, 5, 6]
+    body = free_client.post("/recommend", json={"history": history, "k": 10}).json()
+    check_answer(body, catalog, history, 10)
+    gen = body["generation"]
+    assert gen["constrained"] is False and gen["forced"] == 0
+    text = free_client.get("/metrics").text
+    assert "padrec_constrained 0.0" in text and "padrec_forced_tokens_total 0.0" in text

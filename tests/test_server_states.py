@@ -24,7 +24,9 @@ def catalog(tiny_artifacts) -> Catalog:
 
 
 class FakeEngine:
-    """Answers every prompt with the same item list after ``delay_s``; ``gate`` delays start."""
+    """Answers every prompt with the same item list after ``delay_s``; ``gate`` delays start.
+    ``started`` records the budget and constraint of ``start``, ``constraints`` those of every
+    ``generate``."""
 
     name = "fake"
 
@@ -42,18 +44,22 @@ class FakeEngine:
         self.fail_start, self.fail_generate = fail_start, fail_generate
         catalog = Catalog.load(settings.artifacts)
         self.tokens = catalog.completion_ids([5, 6, 7], finished=True)
+        self.started = None
+        self.constraints = []
 
     num_draft_tokens = 0
     max_model_len = 256
 
-    async def start(self, warmup_prompts, max_new_tokens, calibrate=True):
+    async def start(self, warmup_prompts, max_new_tokens, calibrate=True, constraint=None):
+        self.started = (max_new_tokens, constraint)
         if self.gate is not None:
             while not self.gate.is_set():
                 await asyncio.sleep(0.01)
         if self.fail_start:
             raise EngineError("weights are corrupt")
 
-    async def generate(self, prompt, max_new_tokens):
+    async def generate(self, prompt, max_new_tokens, constraint=None):
+        self.constraints.append(constraint)
         await asyncio.sleep(self.delay_s)
         if self.fail_generate:
             raise EngineError("engine core died")
@@ -141,6 +147,34 @@ def test_engine_failures_are_503(settings):
         assert c.get("/healthz").status_code == 503
         assert c.get("/readyz").json()["error"] == "the engine died"
         assert c.post("/recommend", json={"history": [1]}).json()["error"] == "not_ready"
+
+
+@pytest.mark.parametrize("constrained", [True, False])
+def test_constraint_reaches_the_engine(settings, catalog, constrained):
+    """Start-up warms up and calibrates under ListSpec(k=the schema's default k) with a budget
+    of exactly that list; each request's plan hands its ListSpec to ``generate``. Without the
+    constraint (PADREC_CONSTRAINED=false) neither gets one, and the budget has the extra items."""
+    from padrec_vllm.catalog.constraint import ListSpec
+    from server.schemas import DEFAULT_K
+
+    per_item = catalog.layout.tokens_per_item
+    with fake_client(settings.model_copy(update={"constrained": constrained})) as c:
+        wait_ready(c)
+        engine = c.app.state.server.engine
+        body = c.post("/recommend", json={"history": [1, 2, 1], "k": 4}).json()
+        c.post("/recommend", json={"history": []})  # cold start: no engine call
+        if constrained:
+            assert engine.started == (DEFAULT_K * per_item + 1, ListSpec(DEFAULT_K))
+            assert engine.constraints == [ListSpec(4, (1, 2))]
+        else:
+            assert engine.started == ((DEFAULT_K + 5) * per_item + 1, None)
+            assert engine.constraints == [None]
+        # the fake's 3 finished items: the fill gives the 4th and says why
+        assert [it["source"] for it in body["items"]] == ["model"] * 3 + ["popular"]
+        assert body["generation"]["constrained"] is constrained
+        why = "no legal catalog item was left" if constrained else "the model's list had 3"
+        assert why in body["notes"][-1]
+        assert c.get("/readyz").json()["constrained"] is constrained
 
 
 # --------------------------------------------------------------------------- engine settings
