@@ -127,3 +127,81 @@ def test_vllm_structured_output_code_is_as_pinned():
     assert "grammar.rollback(state_advancements)" in masks
     validate = inspect.getsource(StructuredOutputManager.validate_tokens)
     assert "grammar.validate_tokens(" in validate
+
+
+# --- the drafter under the constraint (``vllm_plugin.draft_constraint``) -----------------------
+
+
+def test_row_state_follows_verified_tokens(catalog_dir):
+    from padrec_vllm.vllm_plugin import draft_constraint as dc
+    from vllm.sampling_params import StructuredOutputsParams
+
+    trie = structured.catalog_trie(catalog_dir.resolve())
+    spec = ListSpec(3)
+    params = StructuredOutputsParams(grammar=structured.grammar_payload(catalog_dir, spec))
+    walk = spec.start(trie)
+    tokens = []
+    for _ in range(2 * (LAYOUT.num_levels + 1)):
+        tokens.append(int(walk.allowed()[0]))
+        walk.accept(tokens[-1])
+    cache: dict = {}
+    state = dc.row_state(cache, "r", params, tokens[:3])
+    assert cache["r"] == (state, 3)
+    assert dc.row_state(cache, "r", params, tokens) is state  # extended, not rebuilt
+    assert state.allowed().tolist() == walk.allowed().tolist() and state.items == walk.items
+    assert dc.row_state(cache, "r", params, tokens[:2]) is not state  # shorter: rebuilt
+    assert dc.row_state(cache, "r", params, tokens + [tokens[0]] * 9) is None  # illegal
+    assert "r" not in cache
+    assert dc._verified_tokens([5, 6], [7, -1, -1]) == [5, 6, 7]
+    assert dc._verified_tokens([5, -1], [7]) is None  # async-scheduling placeholder
+
+
+def test_drafter_picks_the_best_legal_token(catalog_dir):
+    """The hooked ``_greedy_sample`` on a stand-in proposer whose head prefers illegal tokens:
+    rows with a state draft legal tokens and advance; a row without one drafts as vLLM does."""
+    from types import SimpleNamespace
+
+    from padrec_vllm.vllm_plugin import draft_constraint as dc
+
+    trie = structured.catalog_trie(catalog_dir.resolve())
+    vocab = LAYOUT.vocab_size
+    prefer = torch.arange(vocab, dtype=torch.float32)  # highest ids win: specials, last level
+    calls = []
+
+    def original(self, hidden_states):
+        calls.append(hidden_states.shape[0])
+        return self.model.compute_logits(hidden_states).argmax(dim=-1)
+
+    proposer = SimpleNamespace(
+        model=SimpleNamespace(compute_logits=lambda h: prefer.expand(h.shape[0], vocab).clone())
+    )
+    sample = dc._sample_hook(original)
+    state = ListSpec(2).start(trie)
+    setattr(proposer, dc.ROWS_ATTR, [state, None])
+    hidden = torch.zeros(2, 4)
+    for _ in range(LAYOUT.num_levels + 1):
+        legal = state.allowed().tolist()
+        drafts = sample(proposer, hidden).tolist()
+        assert drafts[0] == max(legal) and drafts[1] == vocab - 1
+    assert len(state.items) == 1 and not calls  # the masked path never fell back
+    setattr(proposer, dc.ROWS_ATTR, [state])  # one state for two rows: vLLM's code
+    assert sample(proposer, hidden).tolist() == [vocab - 1, vocab - 1] and calls == [2]
+
+
+def test_vllm_drafting_code_is_as_pinned():
+    """Where the propose hook relies on vLLM 0.32.0: the padded drafter batch proposes from the
+    sampled-token tensor before bookkeeping adds those tokens to ``output_token_ids``, and
+    greedy drafts come from ``_greedy_sample``."""
+    from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    import padrec_vllm.vllm_plugin as plugin
+
+    plugin.register()
+    src = inspect.getsource(GPUModelRunner.sample_tokens)
+    tensor = src.index("sampled_token_ids = sampler_output.sampled_token_ids")
+    call = src.index("propose_draft_token_ids(sampled_token_ids)", tensor)
+    assert call < src.index("self._bookkeeping_sync(")
+    assert "draft_after_bookkeeping = True" in src
+    sample = inspect.getsource(SpecDecodeBaseProposer._sample_draft_tokens)
+    assert "return self._greedy_sample(hidden_states), None" in sample

@@ -8,6 +8,11 @@ more rows than ``config.speculation_row_limit()`` is decoded without the head (i
 batches of that many rows, plain and speculative alike, so the figure is what a speculated
 request gains.
 
+Constrained requests (a ``ListSpec``) decode together, apart from free ones. Without the head
+they skip forced tokens (``generate(..., skip_forced=True)``: same tokens, fewer forwards), so
+plain decoding here is already the ``forced`` method and the calibration's speedup is the head's
+own gain over it.
+
 The head is loaded once and turned once into its decoding form (``model.decoding_head``: the CPU
 fold, or its int8 copy with ``draft_int8``), which the engine keeps for its lifetime.
 """
@@ -142,6 +147,7 @@ class ReferenceEngine:
             num_draft_tokens=self._num_drafts if head is not None else None,
             slot_of_token=self._slots,
             constraints=constraints,
+            skip_forced=constraints is not None and head is None,
         )
 
     async def generate(

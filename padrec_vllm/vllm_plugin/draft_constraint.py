@@ -11,8 +11,10 @@ Two hooks, both through ``patching.install_hook`` (``SYMBOLS``), acting only on 
 structured-output grammar is a padrec list (``structured.is_list_grammar``):
 
 - ``GPUModelRunner.propose_draft_token_ids`` (the CPU runner inherits it): with the padded
-  drafter batch (vLLM's default) it runs before the step's bookkeeping, so a request's verified
-  tokens are ``output_token_ids`` plus this step's sampled tokens (``-1`` = rejected). The hook
+  drafter batch (vLLM's default) it runs before the step's bookkeeping with the sampled tokens as
+  a tensor, so a request's verified tokens are ``output_token_ids`` plus this step's sampled
+  tokens (``-1`` = rejected); with ``disable_padded_drafter_batch`` it runs after bookkeeping with
+  a list, and ``output_token_ids`` already holds them. The hook
   brings each row's worker-side ``ListConstraint`` up to those tokens (kept per request id, only
   new tokens accepted; rebuilt when they disagree), hands the row states to the drafter, and
   rolls every state back to the verified tokens after the drafter returns.
@@ -46,7 +48,8 @@ CACHE_ATTR = "_padrec_verified_states"  # on the runner: req_id -> (state, token
 
 
 def _verified_tokens(output_ids: list[int], sampled: list[int] | None) -> list[int] | None:
-    """A request's verified tokens at drafting time; None when a placeholder (-1) is among them."""
+    """A request's verified tokens at drafting time (``sampled``: this step's tokens when
+    bookkeeping has not added them yet); None when a placeholder (-1) is among them."""
     tokens = list(output_ids) + [t for t in (sampled or ()) if t >= 0]
     return None if any(t < 0 for t in output_ids) else tokens
 
@@ -83,13 +86,15 @@ def _propose_hook(original: Callable) -> Callable:
         cache = self.__dict__.setdefault(CACHE_ATTR, {})
         for gone in set(cache) - set(req_ids):
             del cache[gone]
-        sampled = (sampled_token_ids.tolist() if isinstance(sampled_token_ids, torch.Tensor)
-                   else sampled_token_ids)
+        # a tensor: before bookkeeping (padded drafter batch); a list: after it
+        before = isinstance(sampled_token_ids, torch.Tensor)
+        sampled = sampled_token_ids.tolist() if before else None
         rows: list[ListConstraint | None] = []
         for i, (req_id, params) in enumerate(zip(req_ids, structured)):
             tokens = None
-            if is_list_grammar(params) and i < len(sampled):
-                tokens = _verified_tokens(self.requests[req_id].output_token_ids, sampled[i])
+            if is_list_grammar(params) and (not before or i < len(sampled)):
+                new = sampled[i] if before else None
+                tokens = _verified_tokens(self.requests[req_id].output_token_ids, new)
             state = row_state(cache, req_id, params, tokens) if tokens is not None else None
             rows.append(None if state is None or state.is_done() else state)
         marks = [s.checkpoint() if s is not None else 0 for s in rows]

@@ -4,8 +4,8 @@ vLLM combines structured output with speculative decoding: the scheduler cuts ea
 drafts at the first token the request's grammar rejects (``validate_tokens``), masks the target
 at every draft position and at the bonus position (``fill_bitmask`` between ``accept_tokens`` and
 ``rollback``), and advances the grammar by the tokens that were kept. Custom V1 logits processors
-are refused when speculation is on, so this is the route. The drafter itself drafts without the
-grammar.
+are refused when speculation is on, so this is the route. vLLM's drafter knows nothing of the
+grammar; ``draft_constraint.py`` masks it with the same constraint.
 
 A request asks for a list by sending ``StructuredOutputsParams(grammar=grammar_payload(root,
 spec))``: ``MARKER`` then JSON ``{"catalog": <artifacts dir>, "k": .., "exclude": [..]}``. Two
