@@ -23,13 +23,15 @@ structured-output grammar is a padrec list (``structured.is_list_grammar``):
   row's state advanced by its draft, so the next draft step is masked after it.
 
 A row without a state (other requests, placeholders from async scheduling, a token the state
-cannot take) drafts as vLLM does. Any other drafter, and heterogeneous-vocabulary or local-argmax
+cannot take) drafts as vLLM does. ``PADREC_VLLM_DRAFT_CONSTRAINT=0`` leaves both hooks out (vLLM's
+own drafting under the grammar, for comparison). Any other drafter, and heterogeneous-vocabulary or local-argmax
 drafting, run vLLM's code unchanged.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 
 import torch
@@ -43,6 +45,7 @@ RUNNER_PROPOSE = (
 )
 DRAFT_SAMPLE = ("vllm.v1.spec_decode.eagle", "EagleProposer", "_greedy_sample")
 SYMBOLS = (RUNNER_PROPOSE, DRAFT_SAMPLE)
+SWITCH_ENV = "PADREC_VLLM_DRAFT_CONSTRAINT"  # "0": do not install the hooks
 ROWS_ATTR = "_padrec_draft_states"  # on the drafter: one ListConstraint or None per row
 CACHE_ATTR = "_padrec_verified_states"  # on the runner: req_id -> (state, tokens taken)
 
@@ -134,6 +137,9 @@ def _sample_hook(original: Callable) -> Callable:
 
 
 def install() -> None:
-    """Wrap both symbols (idempotent); PatchError names a missing or changed one."""
+    """Wrap both symbols (idempotent) unless ``SWITCH_ENV`` is "0"; PatchError names a missing
+    or changed one."""
+    if os.environ.get(SWITCH_ENV, "1") == "0":
+        return
     install_hook(RUNNER_PROPOSE, _propose_hook, ("self", "scheduler_output", "sampled_token_ids"))
     install_hook(DRAFT_SAMPLE, _sample_hook, ("self", "hidden_states"))
