@@ -34,7 +34,7 @@ METHODS_HELP = (
     "gives probability below P; HEAD:tN[kM][pQ] (reference engine) drafts a tree "
     "of up to N nodes a round, top M children per node (default 4), nodes past the K best "
     "only at path probability >= Q; HEAD+int8 (with any of these; reference engine, CPU) drafts "
-    "with an int8 copy of the head; @P and :tN need --unconstrained"
+    "with an int8 copy of the head; @P needs --unconstrained"
 )
 
 Handler = Callable[[argparse.Namespace], None]
@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cpu or cuda[:N] (reference engine)")
     bench.add_argument("--json", default=None, help="write the result JSON here")
     bench.add_argument("--plot", default=None, help="write the acceptance plot (PNG) here")
-    _add_constraint_args(bench, "lists (reference engine; ar, forced and chain methods)")
+    _add_constraint_args(bench, "lists (reference engine; ar, forced, chain and tree methods)")
     bench.set_defaults(run=_cmd_bench)
 
     for name, run in _registered_commands(sub).items():

@@ -92,7 +92,7 @@ METHOD_KEYS = {"wall_s", "tokens_per_s", "latency_ms", "tau", "accept_by_pos", "
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_constrained_bench_is_lossless_and_legal(tiny_artifacts, synth_data_dir, batch_size,
                                                  tmp_path):
-    methods = ("ar", "forced", "eagle", "padrec")
+    methods = ("ar", "forced", "eagle", "padrec", "padrec:t6k2")
     result = run_reference_bench(
         BenchConfig(artifacts=tiny_artifacts, methods=methods, users=12, batch_size=batch_size,
                     data_dir=str(synth_data_dir))
@@ -105,16 +105,16 @@ def test_constrained_bench_is_lossless_and_legal(tiny_artifacts, synth_data_dir,
         assert METHOD_KEYS <= set(ms[name]) and ms[name]["identical_rate"] == 1.0
     ar, forced = ms["ar"], ms["forced"]
     assert ar["tau"] == 1.0 and ar["forced_tokens"] == 0 and ar["forwards_saved"] == 0
-    for name in ("forced", "eagle", "padrec"):
+    for name in ("forced", "eagle", "padrec", "padrec:t6k2"):
         assert ms[name]["forced_tokens"] > 0 and 0 < ms[name]["forced_share"] < 1
     # plain decoding that skips forced tokens saves exactly one forward per forced token
     assert forced["forwards_saved"] == forced["forced_tokens"] > 0 and forced["tau"] > 1.0
     assert forced["accept_by_pos"] == [] and forced["draft_forwards"] == 0
-    assert len(ms["padrec"]["accept_by_pos"]) == 3
+    assert len(ms["padrec"]["accept_by_pos"]) == len(ms["padrec:t6k2"]["accept_by_pos"]) == 3
     shares = result["forced_share_by_slot"]
     assert shares["sep"] == 1.0 and all(0.0 <= v <= 1.0 for v in shares.values())
     write_outputs(result, tmp_path / "b.json", tmp_path / "b.png")
-    assert (tmp_path / "b.png").stat().st_size > 1000 and len(format_table(result)) == 7
+    assert (tmp_path / "b.png").stat().st_size > 1000 and len(format_table(result)) == 8
     assert "constrained" in format_table(result)[0]
 
 
@@ -243,7 +243,7 @@ def test_bench_cli_errors(tiny_artifacts, capsys):
         args = [*bench, "--unconstrained", "--engine", "vllm", "--methods", f"ar,{bad}"]
         assert main(args) == 2
         assert "need --engine reference" in capsys.readouterr().err
-    for bad in ("eagle@0.3", "padrec:t4k2", "padrec+int8:t4"):  # constrained by default
+    for bad in ("eagle@0.3", "padrec+int8@0.2"):  # constrained by default
         assert main([*bench, "--methods", f"ar,{bad}"]) == 2
         err = capsys.readouterr().err
         assert repr(bad) in err and "add --unconstrained" in err and len(err.splitlines()) == 1

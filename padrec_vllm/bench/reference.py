@@ -8,8 +8,9 @@ reference server runs. ``head_forward_ms`` times one draft forward of each head
 
 Constrained (the default, ``bench.setup``): ``ar`` is plain constrained greedy, the baseline;
 ``forced`` is plain decoding that appends forced tokens without a target forward
-(``generate(..., skip_forced=True)``, no head); a head name drafts constrained chains. Every run
-of a method on a batch gets fresh constraints for its users.
+(``generate(..., skip_forced=True)``, no head); a head name drafts constrained chains, and
+``HEAD:tN...`` constrained trees. Every run of a method on a batch gets fresh constraints for its
+users.
 """
 
 from __future__ import annotations

@@ -26,6 +26,11 @@ position it verifies (``apply_mask``) and takes the argmax.
   starts the next block. The head's cache needs no rollback, as in ``engine``: chained steps
   write stand-in entries at their positions, which the next round's pass over the verified
   inputs overwrites; rows run the steps in lockstep, a row whose chain has ended on padding.
+- tree (a head and a ``TreeSpec``; ``decoding.constrained_tree``): the same block start
+  ``[x_n, forced...]``, then an EAGLE-2 tree of the head's top-k legal tokens per node (a forced
+  position gets its one token, a path at most K choices), verified in one forward under the
+  tree mask with the same per-position masks; the agreeing path is kept and the round ends as
+  a chain round does (``_close``). The batch loop is shared; only the round differs.
 
 Accounting (``decoding.accounting``): a round's drafts are its choices (``accept_by_pos`` by
 choice index), skipped forced tokens count in ``forced_tokens`` when emitted; the first token
@@ -44,10 +49,12 @@ from torch import nn
 from padrec_vllm.catalog.constraint import ListConstraint, apply_mask, fill_mask
 from padrec_vllm.catalog.tokens import PAD_ID
 from padrec_vllm.decoding.accounting import RequestAccounting
+from padrec_vllm.decoding.constrained_tree import tree_round
 from padrec_vllm.decoding.kv import TargetKV, prefill
 from padrec_vllm.decoding.protocol import Drafter
 from padrec_vllm.decoding.speculative import accepted_prefix
 from padrec_vllm.decoding.timing import charge, clock
+from padrec_vllm.decoding.tree import TreeSpec
 
 
 def decode_constrained_batch(
@@ -61,8 +68,10 @@ def decode_constrained_batch(
     eos_id: int,
     slots: list[int] | None,
     skip_forced: bool,
+    tree: TreeSpec | None = None,
 ) -> list[RequestAccounting]:
-    """One batch of ``engine.generate`` under ``states`` (one per prompt, advanced in place)."""
+    """One batch of ``engine.generate`` under ``states`` (one per prompt, advanced in place);
+    with ``tree``, the head drafts constrained trees (``decoding.constrained_tree``)."""
     device = next(target.parameters()).device
     b = len(prompts)
     rows = [RequestAccounting(num_drafts, slots) for _ in prompts]
@@ -118,8 +127,12 @@ def decode_constrained_batch(
             charge(rows, alive, "verify", clock(device) - t0)
             continue
 
-        rnd = _chain_round(head, embed, lm_head, hcache, kv, states, tails, pending, num_drafts,
-                           buf[: len(states)])
+        if tree is None:
+            rnd = _chain_round(head, embed, lm_head, hcache, kv, states, tails, pending,
+                               num_drafts, buf[: len(states)])
+        else:
+            rnd = tree_round(head, embed, lm_head, hcache, kv, states, tails, pending, num_drafts,
+                             tree)
         charge(rows, alive, "draft", rnd.drafted_at - t0)
         pending, tails, finished = rnd.pending, [], []
         for i, (kept, forced, bonus, verdict) in enumerate(rnd.rows):

@@ -14,7 +14,8 @@ numbers of tokens; the target's cache marks the rest as holes (``kv.TargetKV``),
 way it emits the target's greedy tokens.
 
 With ``constraints`` (one ``catalog.constraint.ListConstraint`` per prompt) every list is legal
-under the catalog and the output is plain *constrained* greedy's (``decoding.constrained``).
+under the catalog and the output is plain *constrained* greedy's (``decoding.constrained``;
+chains there, trees in ``decoding.constrained_tree``).
 """
 
 from __future__ import annotations
@@ -69,9 +70,11 @@ def generate(
     ``constraints``: one fresh ``ListConstraint`` per prompt, advanced in place (afterwards each
     holds its request's list); None decodes unconstrained. Under constraints ``eos_id`` must be
     ``<eos>``, and plain decoding is masked greedy, the reference; ``skip_forced`` appends forced
-    tokens without target forwards (plain decoding; chains always skip them); chains draft legal
-    tokens only (``decoding.constrained``). Trees and ``min_draft_confidence`` are refused under
-    constraints (not built).
+    tokens without target forwards (plain decoding; chains and trees always skip them); chains
+    and trees draft legal tokens only, K counting choices (``decoding.constrained``,
+    ``decoding.constrained_tree``: a tree's nodes are each node's top-k legal tokens, the forced
+    run after the target's token comes on top of ``tree.nodes``). ``min_draft_confidence`` is
+    refused under constraints (not built).
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
@@ -82,8 +85,8 @@ def generate(
     if constraints is not None:
         if len(constraints) != len(prompts):
             raise ValueError(f"{len(constraints)} constraints for {len(prompts)} prompts")
-        if tree is not None or min_draft_confidence > 0:
-            raise ValueError("constrained decoding has no trees or min_draft_confidence yet")
+        if min_draft_confidence > 0:
+            raise ValueError("constrained decoding has no min_draft_confidence yet")
         if eos_id != EOS_ID:
             raise ValueError(f"constrained decoding ends lists with <eos> ({EOS_ID}), not {eos_id}")
     elif skip_forced:
@@ -126,6 +129,7 @@ def generate(
                     eos_id=eos_id,
                     slots=slots,
                     skip_forced=skip_forced,
+                    tree=tree,
                 )
             results.extend(row.result() for row in rows)
     return results

@@ -20,6 +20,10 @@ its ancestors and itself) at position next + depth, and gives its greedy token a
 input. A node is accepted when its token is the target's choice after its parent and its parent
 is accepted; siblings hold different tokens, so the accepted nodes form one path. The round emits
 that path's tokens and the target's token after its last node, as plain greedy decoding would.
+
+Under the catalog constraint ``decoding.constrained_tree`` grows the tree itself (each node's
+children are the head's top-k *legal* tokens, a forced position gets its one token, K counts
+choices) and reuses ``_select``, ``accept_tree`` and ``path_indices`` from here.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ class DraftTree(NamedTuple):
     mask: torch.Tensor  # [B, N+1, N+1] bool: block input i sees block input j (ancestor or self)
     valid: torch.Tensor  # [B, N] bool: a real node (not padding)
     head_steps: int
+    source: torch.Tensor | None = None  # [B, N]: each node's index in the candidate pool
 
 
 def draft_tree(
@@ -135,19 +140,33 @@ def draft_tree(
 
 
 def _select(tok: torch.Tensor, score: torch.Tensor, parent: torch.Tensor, depth: torch.Tensor,
-            spec: TreeSpec, head_steps: int) -> DraftTree:
+            spec: TreeSpec, head_steps: int, free: torch.Tensor | None = None,
+            sure: int | None = None) -> DraftTree:
     """The best nodes of the candidate pool (tok, score, parent, depth [B, P], parents before
     children) -> DraftTree: ``spec.nodes`` of them, trimmed by ``spec.min_prob`` past the first
-    ``head_steps``. Ties keep pool order (stable sort), so a parent tied with its child is taken
-    first and the tree stays connected (a trimmed node's children score no higher, so go too)."""
+    ``sure`` (default ``head_steps``). Ties keep pool order (stable sort), so a parent tied with
+    its child is taken first and the tree stays connected (a trimmed node's children score no
+    higher, so go too). With ``free`` [B] (the constrained tree, ``decoding.constrained_tree``):
+    row r takes ``free[r]`` more nodes, and ``sure`` counts past them (its forced run, which ranks
+    first), and a candidate scored -inf (padding) is never taken."""
     b, p = tok.shape
-    n = min(spec.nodes, p)
+    sure = head_steps if sure is None else sure
+    constrained = free is not None
+    if free is None:
+        free = torch.zeros(b, dtype=torch.long, device=tok.device)
+        n = min(spec.nodes, p)
+    else:
+        n = min(spec.nodes + int(free.max()), p)
+    extra = free[:, None]  # [B, 1]
     ranked, best = score.sort(dim=1, descending=True, stable=True)  # [B, P] each
     ranked, best = ranked[:, :n], best[:, :n]  # [B, N]
+    rank = torch.arange(n, device=tok.device)  # [N]
     keep = torch.ones_like(best, dtype=torch.bool)  # [B, N] in rank order
+    if constrained:
+        keep = (ranked > float("-inf")) & (rank < spec.nodes + extra)
     if spec.min_prob > 0:
-        keep = ranked >= math.log(spec.min_prob)
-        keep[:, : min(head_steps, n)] = True
+        keep &= (ranked >= math.log(spec.min_prob)) | (rank < sure + extra)
+    if constrained or spec.min_prob > 0:  # keep is a prefix of each row's ranking
         n = int(keep.sum(dim=1).max())
         ranked, best, keep = ranked[:, :n], best[:, :n], keep[:, :n]
     # pool order puts parents first; a dropped node sorts last
@@ -163,7 +182,7 @@ def _select(tok: torch.Tensor, score: torch.Tensor, parent: torch.Tensor, depth:
     for i in range(1, n + 1):
         mask[:, i] |= mask[rows, parents[:, i - 1]]
     depths = torch.where(valid, depth.gather(1, sel), 1)  # [B, N]
-    return DraftTree(tok.gather(1, sel), parents, depths, mask, valid, head_steps)
+    return DraftTree(tok.gather(1, sel), parents, depths, mask, valid, head_steps, sel)
 
 
 def accept_tree(tree: DraftTree, verified: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
