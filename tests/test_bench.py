@@ -250,10 +250,9 @@ def test_bench_cli_errors(tiny_artifacts, capsys):
     assert main([*bench, "--unconstrained", "--methods", "ar,forced"]) == 2
     err = capsys.readouterr().err
     assert "'forced'" in err and "drop --unconstrained" in err
-    assert main([*bench, "--engine", "vllm", "--methods", "ar,eagle"]) == 2
+    assert main([*bench, "--engine", "vllm", "--methods", "ar,forced"]) == 2
     err = capsys.readouterr().err
-    assert "vllm engine does not decode under the catalog constraint" in err
-    assert "--unconstrained" in err and len(err.splitlines()) == 1
+    assert "'forced'" in err and "reference engine only" in err and len(err.splitlines()) == 1
     assert main([*bench, "--unconstrained", "--exclude-history"]) == 2
     assert "--exclude-history needs the constraint" in capsys.readouterr().err
     assert main(["train-heads", "--artifacts", str(tiny_artifacts), "--heads", "foo"]) == 2
