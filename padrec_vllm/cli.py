@@ -240,9 +240,12 @@ def _cmd_eval(args) -> None:
     from padrec_vllm.pipeline import format_eval, run_eval
     from padrec_vllm.presets import get_preset
 
+    from padrec_vllm.artifacts_check import check_artifacts
+
     constrained, exclude_history = _constraint_flags(args)
     paths = ArtifactPaths(Path(args.artifacts))
     info = paths.read_build_info()
+    check_artifacts(paths.root)  # before the dataset and the model load
     dataset = load_dataset(info["dataset"], args.data_dir)
     result = run_eval(dataset, paths, get_preset(info["preset"]), args.device, args.users,
                       args.batch_size, constrained, exclude_history)

@@ -49,6 +49,8 @@ def create_app(
     app.include_router(routes.recommendations)
     app.include_router(routes.operations)
     endpoints = {r.path for r in app.routes}
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_body_bytes, drain_bytes=settings.drain_body_bytes
+    )
     app.add_middleware(RequestMetrics, metrics=metrics, endpoints=endpoints)
     return app

@@ -7,6 +7,7 @@ Also ``python -m server.main`` (settings from ``PADREC_*`` only) and, for uvicor
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -57,9 +58,27 @@ def load_settings(**overrides) -> Settings:
 
 
 def app_from_env():
-    """App factory for ``uvicorn --factory server.main:app_from_env`` (one worker)."""
-    return create_app(Settings())
+    """App factory for ``uvicorn --factory server.main:app_from_env`` (one worker). Runs the
+    start-up check first: a problem is one line on stderr and exit status 2."""
+    try:
+        settings = load_settings()
+        check(settings)
+    except UserError as exc:
+        print(f"padrec: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return create_app(settings)
+
+
+def main() -> int:
+    """``python -m server.main``: ``serve()``; a problem found before the start is one line on
+    stderr and exit status 2 (as ``padrec serve``)."""
+    try:
+        serve()
+    except UserError as exc:
+        print(f"padrec: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    serve()
+    sys.exit(main())

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
         "filtering); unused under the constraint"
     )
     max_body_bytes: int = Field(MIB, ge=1024, description="larger request bodies get 413")
+    drain_body_bytes: int = Field(
+        64 * MIB, ge=0, description="a body over max_body_bytes is read and discarded up to this "
+        "size before its 413 (clients that send the whole body first then see the answer)"
+    )
     retry_after_s: int = Field(1, ge=1, description="Retry-After of a 503")
     calibration_requests: int = Field(
         16, ge=0, description="prompts of the start-up speedup calibration (0: off)"

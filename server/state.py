@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from padrec_vllm.engines import Calibration, Engine, RequestResult
+from padrec_vllm.engines import Calibration, Engine, EngineError, RequestResult
 from server.checks import check
 from server.metrics import ServerMetrics
 from server.recommender import Plan, Recommender
@@ -105,7 +105,10 @@ class ServerState:
             raise
         except Exception as exc:  # any start failure: reported by /readyz and /healthz
             self.status, self.error = "failed", str(exc)
-            log.exception("engine failed to start")
+            if not isinstance(exc, EngineError):  # not an engine's own report: its traceback
+                log.exception("engine start raised %s", type(exc).__name__)
+            # last: the cause in one line (an EngineError names it: vllm_plugin.diagnostics)
+            log.error("engine failed to start: %s", self.error)
 
     def check_alive(self) -> None:
         if self.status == "ready" and not self.engine.alive():

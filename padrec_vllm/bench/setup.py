@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from padrec_vllm.artifacts import ArtifactPaths
+from padrec_vllm.artifacts_check import check_artifacts
 from padrec_vllm.bench.methods import parse_method
 from padrec_vllm.catalog.catalog import Catalog
 from padrec_vllm.catalog.constraint import CatalogTrie, ListConstraint, ListSpec
@@ -102,8 +103,9 @@ def _check_constraint(cfg: BenchConfig, name: str, spec) -> None:
 
 def bench_setup(cfg: BenchConfig, builtin: tuple[str, ...] = ("ar", "forced")) -> BenchSetup:
     """Validate ``cfg.methods`` (``ar`` required; every name outside ``builtin`` needs a head
-    under ``heads/``; the constraint setting, ``_check_constraint``) before loading anything
-    heavy, then sample the users and, when constrained, build the catalog's trie."""
+    under ``heads/``; the constraint setting, ``_check_constraint``) and check the artifacts
+    with those heads (``artifacts_check``) before loading anything heavy, then sample the users
+    and, when constrained, build the catalog's trie."""
     paths = ArtifactPaths(cfg.artifacts)
     if cfg.exclude_history and not cfg.constrained:
         raise UserError("--exclude-history needs the constraint; drop --unconstrained")
@@ -125,6 +127,8 @@ def bench_setup(cfg: BenchConfig, builtin: tuple[str, ...] = ("ar", "forced")) -
         if base not in builtin and not paths.has_head(base):
             raise UserError(f"unknown method {name!r}: no head at {paths.head(base)} "
                             "(train it with `padrec build`)")
+    heads = [parse_method(name).head for name in cfg.methods]
+    check_artifacts(paths.root, heads=[h for h in heads if h not in builtin])
     preset = get_preset(info["preset"])
     catalog = Catalog.load(paths.root)
     split = leave_one_out(load_dataset(info["dataset"], cfg.data_dir).sequences)

@@ -37,6 +37,30 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
+def weight_shapes(c: HeadConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a head's ``model.safetensors`` and its shape (module docstring); the
+    artifacts check compares a checkpoint's header with it."""
+    h, q, kv = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    shapes = {
+        "fc.weight": (h, 2 * h),
+        "layers.0.self_attn.q_proj.weight": (q, h),
+        "layers.0.self_attn.k_proj.weight": (kv, h),
+        "layers.0.self_attn.v_proj.weight": (kv, h),
+        "layers.0.self_attn.o_proj.weight": (h, q),
+        "layers.0.post_attention_layernorm.weight": (h,),
+        "layers.0.mlp.gate_proj.weight": (c.intermediate_size, h),
+        "layers.0.mlp.up_proj.weight": (c.intermediate_size, h),
+        "layers.0.mlp.down_proj.weight": (h, c.intermediate_size),
+    }
+    if c.has_item_emb:
+        shapes |= {"padrec.alpha": (1,), "padrec.item_emb.weight": (c.num_slots, h)}
+    if c.has_step_emb:
+        shapes["padrec.step_emb.weight"] = (c.num_steps + 1, h)
+    if c.has_gate:
+        shapes |= {"padrec.gate.weight": (1, 2 * h), "padrec.gate.bias": (1,)}
+    return shapes
+
+
 def head_config_dict(head: DraftHead) -> dict:
     """The ``config.json`` content of ``head``."""
     from transformers import LlamaConfig

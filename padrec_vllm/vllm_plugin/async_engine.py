@@ -32,6 +32,7 @@ from padrec_vllm.catalog.constraint import ListSpec
 from padrec_vllm.catalog.tokens import EOS_ID, TokenLayout
 from padrec_vllm.decoding.accounting import RequestResult, result_from_rounds
 from padrec_vllm.engines import Calibration, EngineError, VllmEngineConfig, calibration_of
+from padrec_vllm.vllm_plugin.diagnostics import watched_start
 
 
 CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30  # without PADREC_VLLM_KV_CACHE_GIB or VLLM_CPU_KVCACHE_SPACE
@@ -115,10 +116,13 @@ class VllmEngine:
             }
             fields["per_request_spec_decode_metrics"] = "detailed"
         fields.update(c.extra_args)
-        try:
-            return AsyncLLM.from_engine_args(AsyncEngineArgs(**fields))
-        except Exception as exc:  # any start failure means "not running"
-            raise EngineError(f"vLLM failed to start on {c.artifacts}: {exc}") from exc
+        with watched_start() as cause:
+            try:
+                return AsyncLLM.from_engine_args(AsyncEngineArgs(**fields))
+            except Exception as exc:  # any start failure means "not running"
+                # the engine core's own error, not "See root cause above" (vllm_plugin.diagnostics)
+                why = cause() or str(exc)
+                raise EngineError(f"vLLM failed to start on {c.artifacts}: {why}") from exc
 
     async def _run(
         self,

@@ -35,6 +35,7 @@ from padrec_vllm.bench import BenchConfig, MethodRun, bench_result, bench_setup
 from padrec_vllm.catalog.constraint import ListSpec
 from padrec_vllm.catalog.tokens import EOS_ID
 from padrec_vllm.decoding import result_from_rounds
+from padrec_vllm.vllm_plugin.diagnostics import watched_start
 
 NGRAM = {"prompt_lookup_min": 2, "prompt_lookup_max": 4}  # an item is a few tokens long
 
@@ -70,15 +71,19 @@ def run_method(
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # vLLM's CPU default takes most RAM
     extra = {"per_request_spec_decode_metrics": "detailed"} if spec is not None else {}
-    llm = LLM(
-        model=str(target),
-        speculative_config=spec,
-        dtype="float32",
-        seed=0,
-        max_num_seqs=batch_size,
-        enforce_eager=enforce_eager,
-        **extra,
-    )
+    with watched_start() as cause:
+        try:
+            llm = LLM(
+                model=str(target),
+                speculative_config=spec,
+                dtype="float32",
+                seed=0,
+                max_num_seqs=batch_size,
+                enforce_eager=enforce_eager,
+                **extra,
+            )
+        except Exception as exc:  # the engine core's own error (vllm_plugin.diagnostics)
+            raise RuntimeError(f"vLLM failed to start on {target}: {cause() or exc}") from exc
     try:
         def params(i: int) -> SamplingParams:
             structured = None
