@@ -23,9 +23,11 @@ structured-output grammar is a padrec list (``structured.is_list_grammar``):
   row's state advanced by its draft, so the next draft step is masked after it.
 
 A row without a state (other requests, placeholders from async scheduling, a token the state
-cannot take) drafts as vLLM does. ``PADREC_VLLM_DRAFT_CONSTRAINT=0`` leaves both hooks out (vLLM's
-own drafting under the grammar, for comparison). Any other drafter, and heterogeneous-vocabulary or local-argmax
-drafting, run vLLM's code unchanged.
+cannot take) drafts as vLLM does. ``PADREC_VLLM_DRAFT_CONSTRAINT=0`` leaves both hooks out
+(vLLM's own drafting under the grammar, for comparison). Any other drafter, and
+heterogeneous-vocabulary or local-argmax drafting, run vLLM's code unchanged. Under dynamic
+speculative decoding a step with K = 0 runs the drafter's first pass only and never samples, so
+``_greedy_sample`` is not called and the states are rolled back unchanged.
 """
 
 from __future__ import annotations
