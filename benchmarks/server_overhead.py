@@ -46,9 +46,10 @@ class NullEngine:
 
     def __init__(self, settings):
         from padrec_vllm.catalog.catalog import Catalog
-        from padrec_vllm.engines import EngineConfig
+        from padrec_vllm.engines import EngineConfig, SpecSchedule
 
         self.config = EngineConfig(artifacts=settings.artifacts, head=None)
+        self.schedule = SpecSchedule.off()
         catalog = Catalog.load(settings.artifacts)
         self.tokens = catalog.completion_ids(sorted(catalog.item_to_sid)[:3], finished=True)
 

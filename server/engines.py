@@ -14,18 +14,19 @@ from server.settings import Settings
 
 def engine_config(settings: Settings) -> EngineConfig:
     """The config of ``settings.engine`` (``ReferenceEngineConfig`` or ``VllmEngineConfig``)."""
+    schedule = settings.schedule()  # None: auto, the engine's default
+    speculative = settings.speculative and (schedule is None or schedule.max_k > 0)
     common = {
         "artifacts": settings.artifacts,
-        "head": settings.head if settings.speculative else None,
+        "head": settings.head if speculative else None,
         "num_draft_tokens": settings.num_draft_tokens,
         "max_batch_size": settings.max_batch_size,
         "dtype": settings.dtype,
         "device": settings.device,
+        "spec_schedule": schedule if speculative else None,
     }
     if settings.engine == "reference":
-        return ReferenceEngineConfig(
-            **common, draft_int8=settings.draft_int8, spec_max_batch=settings.spec_max_batch
-        )
+        return ReferenceEngineConfig(**common, draft_int8=settings.draft_int8)
     kv = settings.vllm_kv_cache_gib
     return VllmEngineConfig(
         **common,

@@ -8,6 +8,11 @@ The speedup figures:
 - ``padrec_speedup{method="live"}``: plain decode seconds per token measured at calibration,
   divided by the decode seconds per token of the speculative requests served since start-up.
 
+The draft-length schedule: ``padrec_spec_k{batch_size}`` is the K of each batch-size range of the
+schedule in use (0 = plain); ``padrec_decoded_requests_total{mode}`` and
+``padrec_decoded_requests_by_k_total{k}`` count requests by the K they ran with, and the live
+speedup covers the speculative ones only.
+
 The catalog constraint: ``padrec_constrained`` is 1 when it is on (``PADREC_CONSTRAINED``);
 ``padrec_forced_tokens_total`` counts the tokens it forced that the engine appended unverified;
 the invalid / duplicate / history item counters then stay at 0.
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from padrec_vllm.engines import Calibration, RequestResult
+from padrec_vllm.engines import Calibration, RequestResult, SpecSchedule
 from padrec_vllm.model.config import MAX_DRAFT_TOKENS
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -61,9 +66,22 @@ class ServerMetrics:
         )
         self.decoded = Counter(
             "padrec_decoded_requests",
-            "requests the engine decoded, by mode: speculative, or plain (no head, or a reference "
-            "batch over PADREC_SPEC_MAX_BATCH rows)",
+            "requests the engine decoded, by mode: speculative, or plain (no head, or K = 0 under "
+            "the draft-length schedule)",
             ["mode"],
+            registry=r,
+        )
+        self.spec_k = Gauge(
+            "padrec_spec_k",
+            "draft tokens per round (K) the draft-length schedule gives a batch of batch_size "
+            "requests (a range first-last, or first- for no end); 0 = plain decoding",
+            ["batch_size"],
+            registry=r,
+        )
+        self.decoded_by_k = Counter(
+            "padrec_decoded_requests_by_k",
+            "requests the engine decoded, by the K they ran with (0 = plain)",
+            ["k"],
             registry=r,
         )
         self.draft_tokens = Counter("padrec_draft_tokens", "draft tokens proposed", registry=r)
@@ -153,6 +171,12 @@ class ServerMetrics:
     def set_constrained(self, on: bool) -> None:
         self.constrained.set(1 if on else 0)
 
+    def set_schedule(self, schedule: SpecSchedule) -> None:
+        """``padrec_spec_k``: one series per range of the schedule in use."""
+        self.spec_k.clear()
+        for r in schedule.ranges:
+            self.spec_k.labels(r.label()).set(r.k)
+
     def set_calibration(self, c: Calibration) -> None:
         self.speedup.labels("calibration").set(c.speedup)
         self.calib_identical.set(c.identical_rate)
@@ -172,6 +196,7 @@ class ServerMetrics:
         if self._forwards:
             self.tau.set(self._tokens / self._forwards)
         self.decoded.labels("speculative" if g.speculative else "plain").inc()
+        self.decoded_by_k.labels(str(g.num_draft_tokens)).inc()
         if not g.speculative:
             return
         self.draft_tokens.inc(g.draft_tokens)

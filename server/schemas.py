@@ -84,8 +84,13 @@ class Latency(BaseModel):
 
 class SpecInfo(BaseModel):
     speculative: bool = Field(
-        description="decoded with the draft head; false without a head, and on the reference "
-        "engine for a batch of more rows than PADREC_SPEC_MAX_BATCH"
+        description="decoded with the draft head; false without a head, and where the draft-"
+        "length schedule (PADREC_SPEC_SCHEDULE) gave the request K = 0"
+    )
+    num_draft_tokens: int = Field(
+        0, description="K this request ran with (0: plain). Reference engine: its batch's K; "
+        "vLLM: the schedule's K when it has one, else the most drafts any of its verify rounds "
+        "proposed (docs/SERVER.md)"
     )
     draft_tokens: int = Field(description="drafts proposed")
     accepted_tokens: int = Field(description="drafts accepted by the target")
@@ -125,6 +130,18 @@ class Health(BaseModel):
     status: str
 
 
+class ScheduleInfo(BaseModel):
+    setting: str = Field(description="PADREC_SPEC_SCHEDULE as read (auto, off, K or ranges)")
+    schedule: str = Field(description="the schedule in use, e.g. 1:4,2-:0 (off: plain)")
+    ranges: list[list[int | None]] = Field(
+        description="[first, last, K] per batch-size range, last null = no end"
+    )
+    source: str = Field(
+        description="setting (an explicit schedule) or default (auto: the engine's default, "
+        "until start-up calibration is built)"
+    )
+
+
 class Readiness(BaseModel):
     ready: bool
     status: str = Field(description="starting | ready | failed")
@@ -138,3 +155,6 @@ class Readiness(BaseModel):
     )
     error: str | None = None
     calibration: dict | None = Field(None, description="start-up speedup calibration")
+    spec_schedule: ScheduleInfo | None = Field(
+        None, description="the draft-length schedule in use (null until the engine is ready)"
+    )

@@ -9,12 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from padrec_vllm.engines.schedule import SpecSchedule
 from padrec_vllm.model.config import HEAD_KINDS, MAX_DRAFT_TOKENS
 
 MIB = 1 << 20
+AUTO = "auto"  # PADREC_SPEC_SCHEDULE: the engine's default schedule until calibration picks one
 
 
 class Settings(BaseSettings):
@@ -61,9 +63,13 @@ class Settings(BaseSettings):
         False, description="reference engine on CPU, float32: draft with an int8 copy of the head "
         "(faster draft steps; the target verifies in float32, so lists are unchanged)"
     )
+    spec_schedule: str = Field(
+        "auto", description="draft length K by batch size, both engines: auto, off, K, or "
+        "ranges A-B:K (K=0: plain), e.g. 1:4,2-:0. auto is, until start-up calibration is "
+        "built, the engine default: reference on CPU 1:K,2-:0, otherwise K at every batch size"
+    )
     spec_max_batch: int | None = Field(
-        None, ge=1, description="reference engine: most rows a batch may have and still "
-        "speculate (larger batches decode plainly, same lists); default 1 on CPU, any on GPU"
+        None, description="removed: refused with a pointer to PADREC_SPEC_SCHEDULE", exclude=True
     )
     vllm_enforce_eager: bool = False
     vllm_kv_cache_gib: float | None = Field(None, gt=0, description="vLLM KV cache size")
@@ -77,10 +83,40 @@ class Settings(BaseSettings):
             raise ValueError("draft_int8 needs engine=reference, device=cpu and dtype=float32")
         return self
 
+    @field_validator("spec_schedule")
+    @classmethod
+    def _schedule_parses(cls, value: str) -> str:
+        """``auto``, or a schedule ``SpecSchedule.parse`` reads (kept in its canonical form)."""
+        if value.strip().lower() == AUTO:
+            return AUTO
+        return str(SpecSchedule.parse(value))
+
     @model_validator(mode="after")
-    def _spec_max_batch_is_reference(self) -> Settings:
-        if self.spec_max_batch is not None and self.engine != "reference":
+    def _spec_max_batch_was_replaced(self) -> Settings:
+        if self.spec_max_batch is not None:
+            n = self.spec_max_batch
             raise ValueError(
-                "spec_max_batch needs engine=reference (vLLM has no per-batch speculation switch)"
+                "PADREC_SPEC_MAX_BATCH was replaced by PADREC_SPEC_SCHEDULE (both engines): for "
+                f"'speculate on batches of up to {n} rows' set PADREC_SPEC_SCHEDULE="
+                f"1-{n}:K,{n + 1}-:0 with K the draft length (docs/SERVER.md)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _one_source_for_k(self) -> Settings:
+        if self.spec_schedule == AUTO:
+            return self
+        if self.num_draft_tokens is not None:
+            raise ValueError(
+                "PADREC_NUM_DRAFT_TOKENS sets K of spec_schedule=auto only; with "
+                f"spec_schedule={self.spec_schedule} put K in the schedule"
+            )
+        if not self.speculative and self.schedule().max_k > 0:
+            raise ValueError(
+                f"spec_schedule={self.spec_schedule} drafts, but speculative=false loads no head"
+            )
+        return self
+
+    def schedule(self) -> SpecSchedule | None:
+        """The explicit draft-length schedule; None for ``auto`` (the engine's default)."""
+        return None if self.spec_schedule == AUTO else SpecSchedule.parse(self.spec_schedule)

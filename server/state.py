@@ -22,7 +22,14 @@ from padrec_vllm.engines import Calibration, Engine, EngineError, RequestResult
 from server.checks import check
 from server.metrics import ServerMetrics
 from server.recommender import Plan, Recommender
-from server.schemas import DEFAULT_K, Latency, Readiness, RecommendResponse, SpecInfo
+from server.schemas import (
+    DEFAULT_K,
+    Latency,
+    Readiness,
+    RecommendResponse,
+    ScheduleInfo,
+    SpecInfo,
+)
 from server.settings import Settings
 
 log = logging.getLogger("padrec.server")
@@ -93,12 +100,14 @@ class ServerState:
                     100 * self.calibration.identical_rate,
                     self.calibration.requests,
                 )
+            self.metrics.set_schedule(self.engine.schedule)
             self.status = "ready"
             log.info(
-                "ready: %s engine, head %s, K=%d, %s",
+                "ready: %s engine, head %s, draft-length schedule %s (%s), %s",
                 self.engine.name,
                 self.engine.config.head,
-                self.engine.num_draft_tokens,
+                self.engine.schedule,
+                "set" if s.schedule() is not None else "auto: the engine's default",
                 "catalog constraint on" if rec.constrained else "free decoding (no constraint)",
             )
         except asyncio.CancelledError:
@@ -196,17 +205,29 @@ class ServerState:
                 "tau": c.tau,
                 "batch_rows": c.batch_rows,
             }
+        ready = engine is not None and self.status == "ready"
+        schedule = None
+        if ready:
+            schedule = ScheduleInfo(
+                setting=self.settings.spec_schedule,
+                schedule=str(engine.schedule),
+                ranges=engine.schedule.as_list(),
+                source="default" if self.settings.schedule() is None else "setting",
+            )
         return Readiness(
             ready=self.status == "ready",
             status=self.status,
             engine=self.settings.engine,
             model=rec.model if rec else "?",
-            head=self.settings.head if self.settings.speculative else None,
-            num_draft_tokens=engine.num_draft_tokens if engine and self.status == "ready" else 0,
+            head=engine.config.head if ready else (
+                self.settings.head if self.settings.speculative else None
+            ),
+            num_draft_tokens=engine.num_draft_tokens if ready else 0,
             fallback=rec.popularity_source if rec else "?",
             constrained=self.settings.constrained,
             error=self.error,
             calibration=calib,
+            spec_schedule=schedule,
         )
 
 
@@ -217,6 +238,7 @@ def _figures(gen: RequestResult | None, engine_s: float) -> tuple[Latency, SpecI
         latency = Latency(total=0.0, queue=0.0, prefill=0.0, decode=0.0, engine=0.0)
         spec = SpecInfo(
             speculative=False,
+            num_draft_tokens=0,
             draft_tokens=0,
             accepted_tokens=0,
             tau=0.0,
@@ -233,6 +255,7 @@ def _figures(gen: RequestResult | None, engine_s: float) -> tuple[Latency, SpecI
     )
     spec = SpecInfo(
         speculative=gen.speculative,
+        num_draft_tokens=gen.num_draft_tokens,
         draft_tokens=gen.draft_tokens,
         accepted_tokens=gen.accepted_tokens,
         tau=gen.tau,

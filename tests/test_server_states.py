@@ -1,6 +1,6 @@
 """Server states a real engine reaches only by accident (slow, failing, not ready), with fake
-engines; then the engine settings the server passes on (int8 drafting, the speculation row limit),
-with the reference engine."""
+engines; then the engine settings the server passes on (int8 drafting, the draft-length
+schedule), with the reference engine."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from test_server import wait_ready
 
 from padrec_vllm.catalog.catalog import Catalog
-from padrec_vllm.engines import EngineConfig, EngineError, RequestResult
+from padrec_vllm.engines import EngineConfig, EngineError, RequestResult, SpecSchedule
 from server import Settings, create_app
 
 
@@ -48,6 +48,7 @@ class FakeEngine:
         self.constraints = []
 
     num_draft_tokens = 0
+    schedule = SpecSchedule.off()
     max_model_len = 256
 
     async def start(self, warmup_prompts, max_new_tokens, calibrate=True, constraint=None):
@@ -200,12 +201,10 @@ def test_int8_drafting_serves_the_greedy_lists(tiny_artifacts, catalog):
             Settings(artifacts=tiny_artifacts, **{"engine": "reference", **bad}, draft_int8=True)
 
 
-def test_batches_over_spec_max_batch_decode_plainly(tiny_artifacts, catalog):
-    """PADREC_SPEC_MAX_BATCH: a reference batch of more rows decodes without the head.
-
-    Default on CPU is 1: four requests arriving together are decoded as one plain batch; alone,
-    each is speculated. The lists are plain greedy decoding in every case.
-    """
+def test_default_schedule_speculates_on_one_row_batches(tiny_artifacts, catalog):
+    """PADREC_SPEC_SCHEDULE=auto on CPU (reference): ``1:K,2-:0``. Four requests arriving
+    together are decoded as one plain batch; alone, each is speculated with K. The lists are plain
+    greedy decoding in every case."""
     from server.engines import build_engine
 
     prompts = [catalog.prompt_ids(h, 5) for h in ([1, 2, 3], [4, 5], [6, 7, 8, 9], [2, 9])]
@@ -218,22 +217,129 @@ def test_batches_over_spec_max_batch_decode_plainly(tiny_artifacts, catalog):
             alone = [await engine.generate(p, 20) for p in prompts]
         finally:
             await engine.close()
-        return calib, together, alone
+        return calib, together, alone, engine.schedule
 
-    calib, together, alone = asyncio.run(run())
+    calib, together, alone, schedule = asyncio.run(run())
     plain = [g.tokens for g in asyncio.run(run(speculative=False))[1]]
+    assert str(schedule) == "1:3,2-:0"
     assert calib.batch_rows == 1 and calib.identical_rate == 1.0
     assert [g.tokens for g in together] == [g.tokens for g in alone] == plain
-    assert not any(g.speculative or g.draft_tokens for g in together)
+    assert not any(g.speculative or g.draft_tokens or g.num_draft_tokens for g in together)
     assert all(g.target_forwards == g.decode_tokens for g in together)  # one token per forward
-    assert all(g.speculative and g.draft_tokens > 0 for g in alone)
+    assert all(g.speculative and g.draft_tokens > 0 and g.num_draft_tokens == 3 for g in alone)
 
-    calib, together, _ = asyncio.run(run(spec_max_batch=4))
-    assert calib.batch_rows == 4 and calib.identical_rate == 1.0
+    calib, together, _, schedule = asyncio.run(run(spec_schedule="1-4:2,5-:0"))
+    assert str(schedule) == "1-4:2,5-:0" and calib.batch_rows == 4 and calib.identical_rate == 1.0
     assert [g.tokens for g in together] == plain
-    assert all(g.speculative and g.draft_tokens > 0 for g in together)
+    assert all(g.speculative and g.num_draft_tokens == 2 and g.draft_tokens > 0 for g in together)
 
-    with pytest.raises(Exception, match="spec_max_batch needs engine=reference"):
-        Settings(artifacts=tiny_artifacts, engine="vllm", spec_max_batch=2)
-    with pytest.raises(Exception, match="spec_max_batch"):
-        Settings(artifacts=tiny_artifacts, engine="reference", spec_max_batch=0)
+    _, together, _, schedule = asyncio.run(run(spec_schedule="off"))
+    assert str(schedule) == "off" and [g.tokens for g in together] == plain
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_schedule_is_lossless_across_batch_sizes(tiny_artifacts, catalog, constrained):
+    """Requests arriving while others decode form batches of 1, 2 and 3 rows, which the schedule
+    ``1:3,2:1,3-:0`` decodes with K = 3, 1 and 0: every list is plain greedy decoding's (under
+    the catalog constraint too), and every result reports its batch's K."""
+    from padrec_vllm.catalog.constraint import ListSpec
+    from server.engines import build_engine
+
+    histories = ([1, 2, 3], [4, 5], [6, 7, 8, 9], [2, 9], [3, 8], [7, 1, 4])
+    prompts = [catalog.prompt_ids(h, 5) for h in histories]
+    groups = [prompts[:1], prompts[1:3], prompts[3:]]  # batches of 1, 2 and 3 rows
+    spec = ListSpec(k=3) if constrained else None
+    budget = 3 * catalog.layout.tokens_per_item + 1 if constrained else 20
+
+    async def run(**kw):
+        engine = build_engine(Settings(artifacts=tiny_artifacts, engine="reference", **kw))
+        await engine.start(prompts[:2], budget, calibrate=False)
+        try:
+            tasks = []
+            for group in groups:  # each group is queued once the worker took the one before
+                tasks += [asyncio.create_task(engine.generate(p, budget, spec)) for p in group]
+                await asyncio.sleep(0)  # the new tasks enqueue
+                while engine._pending:
+                    await asyncio.sleep(0.001)
+            return await asyncio.gather(*tasks), engine.schedule
+        finally:
+            await engine.close()
+
+    results, schedule = asyncio.run(run(spec_schedule="1:3,2:1,3-:0"))
+    plain, _ = asyncio.run(run(spec_schedule="off"))
+    assert [r.tokens for r in results] == [r.tokens for r in plain]
+    ks = [schedule.k_for(len(g)) for g in groups for _ in g]
+    assert ks == [3, 1, 1, 0, 0, 0] == [r.num_draft_tokens for r in results]
+    assert [r.speculative for r in results] == [k > 0 for k in ks]
+    assert all(r.draft_tokens > 0 for r in results[:3]) and not any(r.draft_tokens for r in plain)
+    assert all(len(r.tokens) > 1 for r in results)
+
+
+def test_spec_schedule_settings(tiny_artifacts):
+    """PADREC_SPEC_SCHEDULE is read and kept in canonical form; PADREC_SPEC_MAX_BATCH is refused
+    with the schedule that replaces it; K has one source."""
+    from server.engines import engine_config
+
+    def settings(**kw):
+        return Settings(artifacts=tiny_artifacts, engine="reference", **kw)
+
+    assert settings().spec_schedule == "auto" and settings().schedule() is None
+    assert settings(spec_schedule=" AUTO ").spec_schedule == "auto"
+    assert settings(spec_schedule="1-1:4,2-64:0").spec_schedule == "1:4,2-64:0"
+    assert settings(spec_schedule="[[1, 1, 4], [2, 64, 0]]").spec_schedule == "1:4,2-64:0"
+    assert str(settings(spec_schedule="OFF").schedule()) == "off"
+    for bad, match in (("1:4,3-:0", "must start at 2"), ("2-:4", "must start at batch size 1"),
+                       ("1:99", "not in 0..16"), ("fast", "not a range")):
+        with pytest.raises(Exception, match=match):
+            settings(spec_schedule=bad)
+    with pytest.raises(Exception, match="PADREC_SPEC_SCHEDULE=1-4:K,5-:0"):
+        settings(spec_max_batch=4)
+    with pytest.raises(Exception, match="put K in the schedule"):
+        settings(spec_schedule="1:4,2-:0", num_draft_tokens=3)
+    with pytest.raises(Exception, match="speculative=false loads no head"):
+        settings(spec_schedule="2", speculative=False)
+    assert settings(spec_schedule="off", speculative=False).schedule().max_k == 0
+
+    # settings -> engine config: an explicit schedule passes on, "off" loads no head, auto
+    # leaves the engine's default (reference on CPU: 1:K,2-:0; vLLM: K everywhere)
+    config = engine_config(settings(spec_schedule="1:2,2-:0", max_batch_size=8))
+    assert str(config.schedule()) == "1:2,2-:0" and config.head == "padrec"
+    config = engine_config(settings(spec_schedule="off"))
+    assert config.head is None and str(config.schedule()) == "off"
+    assert str(engine_config(settings()).schedule()) == "1:3,2-:0"
+    assert str(engine_config(settings(num_draft_tokens=2)).schedule()) == "1:2,2-:0"
+    vllm = engine_config(Settings(artifacts=tiny_artifacts, engine="vllm", max_batch_size=8))
+    assert str(vllm.schedule()) == "3"
+    vllm = engine_config(Settings(artifacts=tiny_artifacts, spec_schedule="1:3,2-64:1"))
+    assert str(vllm.schedule()) == "1:3,2-:1"  # clipped to max_batch_size (32)
+
+
+def test_server_reports_the_schedule(settings):
+    """The reference app under ``1:2,2-:0``: ``/readyz`` and ``padrec_spec_k`` report the
+    schedule; a request alone answers ``spec.num_draft_tokens`` 2, three sent together 0, and
+    the decoded-requests counters follow."""
+    s = settings.model_copy(update={"spec_schedule": "1:2,2-:0", "calibration_requests": 2})
+    with TestClient(create_app(s)) as c:
+        ready = wait_ready(c)
+        assert ready["spec_schedule"] == {
+            "setting": "1:2,2-:0", "schedule": "1:2,2-:0", "ranges": [[1, 1, 2], [2, None, 0]],
+            "source": "setting",
+        }
+        assert ready["num_draft_tokens"] == 2 and ready["calibration"]["batch_rows"] == 1
+        alone = c.post("/recommend", json={"history": [1, 2, 3]}).json()
+        assert alone["spec"]["speculative"] and alone["spec"]["num_draft_tokens"] == 2
+        assert len(alone["spec"]["acceptance_by_position"]) == 2
+        body = {"requests": [{"history": h} for h in ([1, 2], [3, 4], [5, 6])]}
+        together = c.post("/recommend/batch", json=body).json()["responses"]
+        assert [r["spec"]["num_draft_tokens"] for r in together] == [0, 0, 0]
+        assert not any(r["spec"]["speculative"] for r in together)
+        text = c.get("/metrics").text
+        assert 'padrec_spec_k{batch_size="1"} 2.0' in text
+        assert 'padrec_spec_k{batch_size="2-"} 0.0' in text
+        assert 'padrec_decoded_requests_total{mode="plain"} 3.0' in text
+        assert 'padrec_decoded_requests_total{mode="speculative"} 1.0' in text
+        assert 'padrec_decoded_requests_by_k_total{k="2"} 1.0' in text
+    with TestClient(create_app(settings)) as c:  # auto: the engine's default, said so
+        schedule = wait_ready(c)["spec_schedule"]
+        assert schedule["setting"] == "auto" and schedule["source"] == "default"
+        assert schedule["schedule"] == "1:3,2-:0"

@@ -73,6 +73,11 @@ class RequestResult:
         return bool(self.accept_by_pos)
 
     @property
+    def num_draft_tokens(self) -> int:
+        """K the request was decoded with (``len(accept_by_pos)``); 0 when plain."""
+        return len(self.accept_by_pos)
+
+    @property
     def draft_tokens(self) -> int:
         return sum(p for _, p in self.accept_by_pos)
 

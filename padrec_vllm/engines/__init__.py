@@ -9,6 +9,7 @@ from padrec_vllm.engines.api import Engine, EngineError
 from padrec_vllm.engines.calibration import Calibration, calibration_of
 from padrec_vllm.engines.config import EngineConfig, ReferenceEngineConfig, VllmEngineConfig
 from padrec_vllm.engines.reference import ReferenceEngine
+from padrec_vllm.engines.schedule import SpecRange, SpecSchedule
 
 __all__ = [
     "Calibration",
@@ -18,6 +19,8 @@ __all__ = [
     "ReferenceEngine",
     "ReferenceEngineConfig",
     "RequestResult",
+    "SpecRange",
+    "SpecSchedule",
     "VllmEngineConfig",
     "calibration_of",
 ]

@@ -12,6 +12,10 @@ up on the prompts and, when speculating and asked to, *calibrates*: decodes the 
 without speculation and with it, same engine code, same machine, one after the other, and returns
 the wall-clock ratio (``padrec_vllm.engines.calibration.Calibration``). Then ``generate`` any
 number of times, concurrently; ``close`` at the end. Engine failures raise ``EngineError``.
+
+Speculation follows the engine's draft-length schedule (``schedule``: K by batch size, 0 =
+plain); each ``RequestResult`` says the K its request ran with (``RequestResult.num_draft_tokens``,
+see each engine for how exact that is).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from padrec_vllm.catalog.constraint import ListSpec
 from padrec_vllm.decoding.accounting import RequestResult
 from padrec_vllm.engines.calibration import Calibration
 from padrec_vllm.engines.config import EngineConfig
+from padrec_vllm.engines.schedule import SpecSchedule
 
 
 class EngineError(RuntimeError):
@@ -34,7 +39,12 @@ class Engine(Protocol):
 
     @property
     def num_draft_tokens(self) -> int:
-        """K in use; 0 without speculation."""
+        """The largest K in use (the schedule's ``max_k``); 0 without speculation."""
+
+    @property
+    def schedule(self) -> SpecSchedule:
+        """The draft-length schedule in use (``engines.schedule``), clipped to the engine's batch;
+        valid once started (``off`` before, and without a head)."""
 
     @property
     def max_model_len(self) -> int:

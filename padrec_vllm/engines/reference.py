@@ -3,10 +3,13 @@
 A single worker task takes every pending request with the same budget as the oldest one (up to
 ``max_batch_size``) and decodes them as one batch in a worker thread; the batch's prefill and
 decode times are split evenly among its rows (as ``decoding.generate`` reports them). A batch of
-more rows than ``config.speculation_row_limit()`` is decoded without the head (its requests report
-``speculative=False``); the tokens are the same either way. Calibration decodes its prompts in
-batches of that many rows, plain and speculative alike, so the figure is what a speculated
-request gains.
+n rows decodes with K = ``schedule.k_for(n)`` drafts per round (``config.schedule()``, a
+``SpecSchedule``), or without the head when that is 0 (its requests report
+``speculative=False``); the tokens are the same either way. A batch keeps its K until its last row
+is done: rows that finish early do not change it, requests that arrive meanwhile wait for the next
+batch. Each result's ``accept_by_pos`` has the batch's K entries (0 when plain).
+Calibration decodes its prompts in batches of the largest size that speculates, at that size's K,
+plain and speculative alike, so the figure is what a speculated request gains.
 
 Constrained requests (a ``ListSpec``) decode together, apart from free ones. Without the head
 they skip forced tokens (``generate(..., skip_forced=True)``: same tokens, fewer forwards), so
@@ -31,6 +34,7 @@ from padrec_vllm.decoding.accounting import RequestResult
 from padrec_vllm.engines.api import EngineError
 from padrec_vllm.engines.calibration import Calibration, calibration_of
 from padrec_vllm.engines.config import ReferenceEngineConfig
+from padrec_vllm.engines.schedule import SpecSchedule
 
 
 @dataclass
@@ -61,13 +65,15 @@ class ReferenceEngine:
         self._pending: deque[_Pending] = deque()
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
-        limit = config.speculation_row_limit()
-        # rows of a batch that still speculates; calibration decodes in batches of this size
-        self._spec_rows = min(limit or config.max_batch_size, config.max_batch_size)
+        self._schedule = SpecSchedule.off()  # set by ``_load`` (reads the head's K)
 
     @property
     def num_draft_tokens(self) -> int:
         return self._num_drafts
+
+    @property
+    def schedule(self) -> SpecSchedule:
+        return self._schedule
 
     @property
     def max_model_len(self) -> int:
@@ -85,20 +91,22 @@ class ReferenceEngine:
         self._worker = asyncio.create_task(self._run(), name="padrec-reference-engine")
         if not warmup_prompts:
             return None
-        rows = self._spec_rows
+        # the largest batch that speculates, at its K (calibration's seam: see the docstring)
+        rows = self._schedule.largest_batch_speculating(self.config.max_batch_size)
+        k = self._schedule.k_for(rows) if rows else 0
         specs = None if constraint is None else [constraint] * len(warmup_prompts)
 
-        def run(prompts: list[list[int]], head) -> list[RequestResult]:
+        def run(prompts: list[list[int]], drafts: int) -> list[RequestResult]:
             some = specs[: len(prompts)] if specs else None
-            return self._decode(prompts, max_new_tokens, head, rows, some)
+            return self._decode(prompts, max_new_tokens, drafts, rows or None, some)
 
-        await asyncio.to_thread(run, warmup_prompts[:2], self._head)
-        if self._head is None or not calibrate:
+        await asyncio.to_thread(run, warmup_prompts[:2], k)
+        if self._head is None or not k or not calibrate:
             return None
         t0 = time.perf_counter()
-        plain = await asyncio.to_thread(run, warmup_prompts, None)
+        plain = await asyncio.to_thread(run, warmup_prompts, 0)
         t1 = time.perf_counter()
-        spec = await asyncio.to_thread(run, warmup_prompts, self._head)
+        spec = await asyncio.to_thread(run, warmup_prompts, k)
         t2 = time.perf_counter()
         return calibration_of(plain, spec, t1 - t0, t2 - t1, min(rows, len(warmup_prompts)))
 
@@ -115,10 +123,11 @@ class ReferenceEngine:
             self._target = load_target(c.paths.target, dtype=dtype, device=c.device)
             self._slots = TokenLayout.load(c.paths.root / LAYOUT_FILE).slot_table()
             self._trie = CatalogTrie.from_catalog(Catalog.load(c.paths.root))
-            if c.head is not None:
+            self._schedule = c.schedule()
+            if self._schedule.max_k > 0:
                 head = load_head(c.head_dir, device=c.device, dtype=dtype)
                 self._head = decoding_head(head, self._target, int8=c.draft_int8)
-                self._num_drafts = c.draft_tokens()
+                self._num_drafts = self._schedule.max_k
         except Exception as exc:  # any load failure means "not running"
             raise EngineError(f"reference engine failed to load {c.artifacts}: {exc}") from exc
 
@@ -126,17 +135,19 @@ class ReferenceEngine:
         self,
         prompts: list[list[int]],
         max_new_tokens: int,
-        head,
+        drafts: int,
         rows: int | None = None,
         specs: list[ListSpec] | None = None,
     ) -> list[RequestResult]:
-        """Greedy completions of ``prompts`` in batches of ``rows`` (default ``max_batch_size``),
-        each under its ``specs[i]`` when given (all constrained or none)."""
+        """Greedy completions of ``prompts`` in batches of ``rows`` (default ``max_batch_size``)
+        with ``drafts`` (K) per round, 0 = plain; each under its ``specs[i]`` when given (all
+        constrained or none)."""
         from padrec_vllm.decoding import generate
 
         constraints: list[ListConstraint] | None = None
         if specs is not None:
             constraints = [s.start(self._trie) for s in specs]
+        head = self._head if drafts > 0 else None
         return generate(
             self._target,
             prompts,
@@ -144,7 +155,7 @@ class ReferenceEngine:
             eos_id=EOS_ID,
             batch_size=rows or self.config.max_batch_size,
             head=head,
-            num_draft_tokens=self._num_drafts if head is not None else None,
+            num_draft_tokens=drafts if head is not None else None,
             slot_of_token=self._slots,
             constraints=constraints,
             skip_forced=constraints is not None and head is None,
@@ -175,12 +186,12 @@ class ReferenceEngine:
             if not batch:
                 continue
             started = time.perf_counter()
-            head = self._head if len(batch) <= self._spec_rows else None
+            drafts = self._schedule.k_for(len(batch)) if self._head is not None else 0
             try:
                 prompts = [p.prompt for p in batch]
                 specs = None if key[1] else [p.spec for p in batch]
                 results = await asyncio.to_thread(
-                    self._decode, prompts, key[0], head, None, specs
+                    self._decode, prompts, key[0], drafts, None, specs
                 )
             except Exception as exc:  # noqa: BLE001 - handed to every waiting request
                 for p in batch:

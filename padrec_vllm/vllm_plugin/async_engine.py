@@ -5,10 +5,24 @@ as vLLM's EAGLE speculator: ``speculative_config={"method": "eagle", "model": <h
 "num_speculative_tokens": K}``. A padrec head resolves to ``EaglePadRecLlamaForCausalLM``
 through this package's plugin entry point, an eagle head to vLLM's stock EAGLE-1.
 
+Draft length by batch size (``engines.schedule.SpecSchedule``, ``config.schedule()``): a schedule
+with one K is ``num_speculative_tokens`` alone; any other also sets vLLM's dynamic speculative
+decoding, ``num_speculative_tokens_per_batch_size`` = its ranges up to ``max_num_seqs``
+(``SpecSchedule.to_vllm``) and ``num_speculative_tokens`` = its largest K. vLLM's scheduler then
+picks K for the number of requests in each engine step (0 = that step proposes no drafts; the
+drafter still runs its pass over the verified tokens, so its KV cache stays in sync). A schedule
+of K = 0 everywhere starts vLLM without a speculative config.
+
 Per-request figures come from vLLM itself: ``per_request_spec_decode_metrics="detailed"`` gives
 every verify round's accepted / proposed drafts (``CompletionOutput.spec_decode_metrics``), and
 ``RequestOutput.metrics`` the engine-core timestamps (queued, scheduled, first and last token).
-They are replayed into the one accounting (``decoding.accounting.result_from_rounds``).
+They are replayed into the one accounting (``decoding.accounting.result_from_rounds``). The K a
+request reports (``RequestResult.num_draft_tokens``): with one K everywhere, that K; under a
+varying schedule, the most drafts any of its recorded rounds proposed (vLLM records the proposed
+count of each round with drafts, not the step's K). That is exact unless every round of the request
+at that K had drafts cut by the list grammar (vLLM counts only the legal ones), and a request whose
+rounds ran at several K reports the largest; a request with no round with drafts reports 0 and
+counts as plain.
 
 A request with a ``ListSpec`` decodes under the catalog constraint through vLLM's structured-output
 path (``structured.py``): the target is masked at every verified position, the drafter drafts
@@ -31,7 +45,13 @@ from padrec_vllm.catalog.catalog import LAYOUT_FILE
 from padrec_vllm.catalog.constraint import ListSpec
 from padrec_vllm.catalog.tokens import EOS_ID, TokenLayout
 from padrec_vllm.decoding.accounting import RequestResult, result_from_rounds
-from padrec_vllm.engines import Calibration, EngineError, VllmEngineConfig, calibration_of
+from padrec_vllm.engines import (
+    Calibration,
+    EngineError,
+    SpecSchedule,
+    VllmEngineConfig,
+    calibration_of,
+)
 from padrec_vllm.vllm_plugin.diagnostics import watched_start
 
 
@@ -45,11 +65,16 @@ class VllmEngine:
         self.config = config
         self._engine = None
         self._num_drafts = 0
+        self._schedule = SpecSchedule.off()  # set by ``start`` (reads the head's K)
         self._slots: list[int] | None = None
 
     @property
     def num_draft_tokens(self) -> int:
         return self._num_drafts
+
+    @property
+    def schedule(self) -> SpecSchedule:
+        return self._schedule
 
     @property
     def max_model_len(self) -> int:
@@ -63,7 +88,8 @@ class VllmEngine:
         constraint: ListSpec | None = None,
     ) -> Calibration | None:
         self._slots = TokenLayout.load(self.config.paths.root / LAYOUT_FILE).slot_table()
-        self._num_drafts = self.config.draft_tokens()
+        self._schedule = self.config.schedule()
+        self._num_drafts = self._schedule.max_k
         calibrate = calibrate and self._num_drafts > 0 and bool(warmup_prompts)
         plain: list[RequestResult] = []
         plain_s = 0.0
@@ -109,11 +135,9 @@ class VllmEngine:
             # shared machine; recommendation prompts are short, 1 GiB holds thousands of them.
             fields["kv_cache_memory_bytes"] = CPU_DEFAULT_KV_CACHE_BYTES
         if speculative:
-            fields["speculative_config"] = {
-                "method": "eagle",
-                "model": str(c.head_dir),
-                "num_speculative_tokens": self._num_drafts,
-            }
+            fields["speculative_config"] = speculative_config(
+                str(c.head_dir), self._schedule, c.max_batch_size
+            )
             fields["per_request_spec_decode_metrics"] = "detailed"
         fields.update(c.extra_args)
         with watched_start() as cause:
@@ -181,7 +205,8 @@ class VllmEngine:
         wall = time.perf_counter() - t0
         if final is None or not final.outputs:
             raise EngineError("vLLM returned no output")
-        return _result(final, num_drafts, self._slots, wall)
+        fixed_k = num_drafts if self._schedule.uniform else None
+        return _result(final, num_drafts, self._slots, wall, fixed_k)
 
     async def close(self) -> None:
         if self._engine is not None:
@@ -207,8 +232,25 @@ def _shutdown(engine) -> None:
     engine.shutdown = lambda *args, **kwargs: None
 
 
-def _result(final, num_drafts: int, slots: list[int] | None, wall_s: float) -> RequestResult:
-    """One vLLM ``RequestOutput`` and its per-round speculative metrics -> ``RequestResult``."""
+def speculative_config(head_dir: str, schedule: SpecSchedule, max_num_seqs: int) -> dict:
+    """vLLM's ``speculative_config`` for the head at ``head_dir`` under ``schedule`` (module
+    docstring); the schedule must have some K > 0."""
+    if schedule.max_k < 1:
+        raise ValueError(f"schedule {schedule} never speculates; start vLLM without a head")
+    config = {"method": "eagle", "model": head_dir, "num_speculative_tokens": schedule.max_k}
+    clipped = schedule.clipped(max_num_seqs)
+    if not clipped.uniform:
+        config["num_speculative_tokens_per_batch_size"] = clipped.to_vllm(max_num_seqs)
+    return config
+
+
+def _result(
+    final, num_drafts: int, slots: list[int] | None, wall_s: float, fixed_k: int | None = None
+) -> RequestResult:
+    """One vLLM ``RequestOutput`` and its per-round speculative metrics -> ``RequestResult``.
+    ``num_drafts``: the engine's largest K (0: no speculation); ``fixed_k``: the K every round
+    ran with when the schedule has one, else None (K from the recorded rounds; module
+    docstring)."""
     out = final.outputs[0]
     m = final.metrics
     if m is not None and m.first_token_ts:
@@ -221,6 +263,7 @@ def _result(final, num_drafts: int, slots: list[int] | None, wall_s: float) -> R
     rounds = num_drafts and sd is not None
     accepted = list(sd.per_step_accepted) if rounds else []
     proposed = list(sd.per_step_drafted) if rounds else []
-    return result_from_rounds(list(out.token_ids), accepted, proposed, num_drafts,
-                              slots if num_drafts else None,
+    k = fixed_k if fixed_k is not None else max(proposed, default=0)
+    k = min(k, num_drafts)
+    return result_from_rounds(list(out.token_ids), accepted, proposed, k, slots if k else None,
                               queue_s=queue_s, prefill_s=prefill_s, decode_s=decode_s)

@@ -1,0 +1,209 @@
+"""The draft-length schedule on vLLM (CPU runner, tiny build, padrec head), through ``VllmEngine``.
+
+One engine with the schedule ``1:K,2:K-1,..,K:1,K+1-:0`` (vLLM's dynamic speculative decoding:
+``num_speculative_tokens_per_batch_size``), driven with 1..K+2 requests at once, 8 at once, 8
+staggered so that they join and leave while others decode (batch sizes cross every range boundary
+mid-generation), free and under the catalog constraint. Claims:
+- lossless: every completion is plain greedy decoding's (the reference, free or constrained);
+- the draft-step hook: every draft proposal the model runner makes is the steps 1..k in order,
+  k <= K, and every k in 1..K occurs (a step with K = 0 runs only the pass over verified tokens,
+  step 1, and samples nothing);
+- one request alone drafts K every round; with K+1 or more in flight rounds go without drafts;
+- each result reports the K it ran with (the most drafts of its recorded rounds), <= K.
+
+The step recorder is test_vllm_e2e's probe (``collective_rpc``, by value).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, replace
+
+import pytest
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+import test_vllm_e2e as e2e
+
+from padrec_vllm.catalog.catalog import Catalog
+from padrec_vllm.catalog.constraint import CatalogTrie, ListSpec
+from padrec_vllm.catalog.tokens import EOS_ID
+from padrec_vllm.decoding import generate
+from padrec_vllm.engines import SpecSchedule, VllmEngineConfig
+from padrec_vllm.model.target import load_target
+
+PROMPTS = 8
+vllm_artifacts = e2e.vllm_artifacts  # the tiny build (a module fixture)
+workload = e2e.workload  # its prompts, head directories, budget and K (a module fixture)
+
+
+@dataclass
+class Phase:
+    prompts: list[list[int]]
+    constrained: bool
+    results: list  # RequestResult per prompt
+    steps: list[int | None]  # every draft forward's step, in order
+    wall_s: float
+
+
+def descending(k: int) -> SpecSchedule:
+    """``1:K,2:K-1,..,K:1,K+1-:0``: every K from the head's down to 0, one batch size each."""
+    text = ",".join(f"{n}:{k - n + 1}" for n in range(1, k + 1)) + f",{k + 1}-:0"
+    return SpecSchedule.parse(text)
+
+
+def runs_of(steps: list[int | None]) -> list[list[int]]:
+    """The steps split into draft proposals (each starts at step 1)."""
+    out: list[list[int]] = []
+    for s in steps:
+        if s == 1 or not out:
+            out.append([])
+        out[-1].append(s)
+    return out
+
+
+@pytest.fixture(scope="module")
+def spec(workload, vllm_artifacts) -> ListSpec:
+    """A list of the preset's length (the budget holds it and ``<eos>``)."""
+    per_item = Catalog.load(vllm_artifacts).layout.tokens_per_item
+    return ListSpec(k=(workload.limit - 1) // per_item)
+
+
+@pytest.fixture(scope="module")
+def phases(workload, vllm_artifacts, spec) -> dict[str, Phase]:
+    from padrec_vllm.vllm_plugin.async_engine import VllmEngine
+
+    k = workload.num_draft_tokens
+    prompts = workload.prompts[:PROMPTS]
+    config = VllmEngineConfig(artifacts=vllm_artifacts, head="padrec", max_batch_size=PROMPTS,
+                              enforce_eager=True, kv_cache_bytes=1 << 30,
+                              spec_schedule=descending(k))
+
+    async def main() -> dict[str, Phase]:
+        engine = VllmEngine(config)
+        await engine.start([], workload.limit, calibrate=False)
+        out: dict[str, Phase] = {}
+        try:
+            assert str(engine.schedule) == str(descending(k)) and engine.num_draft_tokens == k
+            await engine._engine.collective_rpc(e2e._install_recorder)
+
+            async def phase(name, some, constraint=None, stagger_s=0.0):
+                async def one(i, p):
+                    await asyncio.sleep(i * stagger_s)
+                    return await engine.generate(p, workload.limit, constraint)
+
+                t0 = time.perf_counter()
+                results = await asyncio.gather(*(one(i, p) for i, p in enumerate(some)))
+                wall = time.perf_counter() - t0
+                records = (await engine._engine.collective_rpc(e2e._take_records, args=(False,)))[0]
+                out[name] = Phase(some, constraint is not None, list(results),
+                                  [r["step"] for r in records], wall)
+
+            for n in range(1, k + 3):
+                await phase(f"at once {n}", prompts[:n])
+            await phase("at once 8", prompts)
+            stagger = out["at once 1"].wall_s / 4
+            await phase("staggered", prompts, stagger_s=stagger)
+            await phase("constrained alone", prompts[:1], spec)
+            await phase("constrained staggered", prompts, spec, stagger_s=stagger)
+        finally:
+            await engine.close()
+        # the issue's form, vLLM's JSON: one request alone drafts, eight at once do not
+        engine = VllmEngine(replace(config, spec_schedule=SpecSchedule.parse(
+            f"[[1, 1, {k}], [2, 64, 0]]")))
+        await engine.start([], workload.limit, calibrate=False)
+        try:
+            assert str(engine.schedule) == f"1:{k},2-:0"
+            await engine._engine.collective_rpc(e2e._install_recorder)
+            await phase("1:K,2-:0 alone", prompts[:1])
+            await phase("1:K,2-:0 at once 8", prompts)
+        finally:
+            await engine.close()
+        return out
+
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+           "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # the probes, in both processes
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        return asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def greedy(workload, vllm_artifacts, spec):
+    """Plain greedy completions of the prompts, free and under ``spec`` (the reference)."""
+    target = load_target(workload.target)
+    prompts = workload.prompts[:PROMPTS]
+    trie = CatalogTrie.from_catalog(Catalog.load(vllm_artifacts))
+    free = generate(target, prompts, max_new_tokens=workload.limit, eos_id=EOS_ID, batch_size=8)
+    constrained = generate(target, prompts, max_new_tokens=workload.limit, eos_id=EOS_ID,
+                           batch_size=8, constraints=[spec.start(trie) for _ in prompts])
+    return {False: [r.tokens for r in free], True: [r.tokens for r in constrained]}
+
+
+def test_lossless_under_the_schedule(phases, greedy):
+    for name, ph in phases.items():
+        assert [r.tokens for r in ph.results] == greedy[ph.constrained][: len(ph.prompts)], name
+
+
+def test_draft_steps_run_1_to_k_for_every_k(phases, workload):
+    k = workload.num_draft_tokens
+    lengths = set()
+    for name, ph in phases.items():
+        for run in runs_of(ph.steps):
+            assert run == list(range(1, len(run) + 1)) and len(run) <= k, (name, run)
+            lengths.add(len(run))
+    assert lengths == set(range(1, k + 1))
+    assert {len(r) for r in runs_of(phases["at once 1"].steps)} == {k}  # alone: K every round
+
+
+def test_one_request_alone_drafts_many_at_once_do_not(phases, workload):
+    k = workload.num_draft_tokens
+    for name in ("at once 1", "constrained alone"):
+        (alone,) = phases[name].results
+        assert alone.speculative and alone.num_draft_tokens == k and alone.draft_tokens > 0, name
+    assert phases["at once 1"].results[0].plain_forwards == 0
+    crowded = phases["at once 8"].results
+    # 8 in flight: K = 0, no drafts; rounds with drafts only while the batch drains
+    assert sum(r.plain_forwards > 0 for r in crowded) >= len(crowded) // 2
+    assert sum(r.draft_tokens for r in crowded) < len(crowded) * phases["at once 1"].results[
+        0].draft_tokens
+
+
+def test_one_alone_drafts_eight_at_once_do_not(phases, workload):
+    """``[[1, 1, K], [2, 64, 0]]``: alone, K drafts every round; eight sent together are plain
+    (at most the first arrival may get one round in before the others join it)."""
+    (alone,) = phases["1:K,2-:0 alone"].results
+    assert alone.num_draft_tokens == workload.num_draft_tokens and alone.plain_forwards == 0
+    crowded = phases["1:K,2-:0 at once 8"].results
+    assert sum(r.num_draft_tokens > 0 for r in crowded) <= 1
+    assert sum(r.draft_tokens for r in crowded) <= workload.num_draft_tokens
+
+
+def test_requests_cross_range_boundaries_mid_generation(phases, workload):
+    for name in ("staggered", "constrained staggered"):
+        results = phases[name].results
+        mixed = [r for r in results if r.draft_tokens > 0 and r.plain_forwards > 0]
+        assert mixed, f"{name}: no request decoded both with and without drafts"
+
+
+def test_each_result_reports_its_k(phases, workload):
+    k = workload.num_draft_tokens
+    for name, ph in phases.items():
+        for r in ph.results:
+            assert 0 <= r.num_draft_tokens <= k and r.speculative == (r.num_draft_tokens > 0)
+            assert r.speculative or r.draft_tokens == 0, name
+
+
+def test_summary(phases):
+    """Not a claim: the figures of every phase, for the report (-s)."""
+    for name, ph in phases.items():
+        ks = [r.num_draft_tokens for r in ph.results]
+        drafts = [r.draft_tokens for r in ph.results]
+        plain = [r.plain_forwards for r in ph.results]
+        lengths = sorted({len(run) for run in runs_of(ph.steps)})
+        print(f"{name}: wall {ph.wall_s:.2f}s K {ks} drafts {drafts} plain forwards {plain} "
+              f"proposal lengths {lengths}")
