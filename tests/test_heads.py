@@ -412,8 +412,8 @@ def test_skinny_linear_matches_linear_and_keeps_training_on_the_plain_path():
     skinny = copy.deepcopy(plain)
     assert use_skinny_linears(skinny) == 1 and type(skinny) is SkinnyLinear
     assert skinny.state_dict().keys() == plain.state_dict().keys()
-    # few rows (W @ x^T) and many (F.linear)
-    for shape in [(1, 48), (3, 5, 48), (2, 1, 48), (40, 48)]:
+    # one row (W @ x^T, padded to two) and more (F.linear)
+    for shape in [(1, 48), (1, 1, 48), (3, 5, 48), (2, 1, 48), (40, 48)]:
         x = torch.randn(*shape)
         with torch.inference_mode():
             want, got = plain(x), skinny(x)
