@@ -25,6 +25,11 @@ What it snapshots:
   ``add_padrec_terms``;
 - the RoPE table of ``max_position_embeddings`` positions (two lookups per call instead of the
   seven ops of ``rope_cos_sin``; a cache with more slots falls back to computing them).
+- on CPU in float (not int8), the decoder layer fused (``fused_layer.FusedLayer``: q, k, v and
+  RoPE in one matmul, transposed weights, the tiled RoPE table and a causal mask table), used for
+  every call with a cache and without a tree whose cache fits the RoPE table; one token at batch
+  1 takes its token and position as ints (``fused_step``). Logits then come from a transposed
+  copy of the target's ``lm_head`` when called with that ``lm_head``.
 
 ``int8=True`` (a float32 head on CPU): the decoder layer's linears, the logits (an int8 copy of
 the target's ``lm_head``) and the fold's feature matrix W_f become ``Int8Linear`` copies held
