@@ -147,6 +147,22 @@ def test_forced_run_leaves_the_state_unchanged_and_respects_the_limit():
     assert snapshot(c) == before
 
 
+def test_accept_forced_equals_forced_run_then_accept():
+    cat = random_catalog(3, 40, TokenLayout((3, 4, 2, 2)))
+    trie, rng = CatalogTrie.from_catalog(cat), random.Random(1)
+    c, ref = ListConstraint(trie, k=6), ListConstraint(trie, k=6)
+    while not c.is_done():
+        run = ref.forced_run()
+        for t in run:
+            ref.accept(t)
+        assert c.accept_forced() == run and snapshot(c) == snapshot(ref)
+        if not c.is_done():
+            t = rng.choice(c.allowed().tolist())
+            c.accept(t)
+            ref.accept(t)
+    assert c.accept_forced() == []
+
+
 def test_rollback_restores_the_state_exactly():
     cat = random_catalog(1, 40, TokenLayout((3, 4, 2, 2)))
     trie, rng = CatalogTrie.from_catalog(cat), random.Random(0)

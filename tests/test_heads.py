@@ -7,6 +7,7 @@ float32 math agree within ``n * eps * max|want|``, n the length of the sums invo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -316,6 +317,43 @@ def test_cpu_decoding_form_matches_the_head_and_is_a_snapshot(target, kind, swit
         decoding(*args, step=1, embed=copy.deepcopy(embed), cache=decoding.new_cache(2, 8))
 
 
+@pytest.mark.parametrize("kind", ["eagle", "padrec"])
+def test_fused_layer_matches_the_layer(target, kind):
+    """The CPU decoding form's fused layer (one query at batch 1, blocks at batch 1, batches
+    whose rows sit at different positions) gives the layer's outputs and cache entries, up to
+    rounding; its logits are the target's."""
+    head = tiny_head(target, kind)
+    embed = target.get_input_embeddings()
+    fused = decoding_head(head, target)
+    plain = dataclasses.replace(fused, fused=None, lm_head_t=None)  # the layer, unfused
+    assert fused.fused is not None and fused.lm_head_t is not None
+    # cached slots for attention's sums (at most 48 below)
+    sums = 2 * H + H + 16 + 48 + H + H + 2 * H
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for b, widths in ((1, [6, 1, 1, 4, 1]), (2, [6, 1, 3, 1])):
+            caches = fused.new_cache(b, 48), plain.new_cache(b, 48)
+            start = torch.arange(b)[:, None] * 5  # [B, 1]: rows at different positions
+            for step, t in enumerate(widths, 1):
+                ids = torch.randint(0, LAYOUT.vocab_size, (b, t))  # [B, T]
+                feats = torch.randn(b, t, H)  # [B, T, H]
+                pos = start + torch.arange(t)  # [B, T]
+                got, want = (d(ids, feats, pos, step=step, embed=embed, cache=c)
+                             for d, c in zip((fused, plain), caches))
+                assert_close_to_rounding(got, want, sums)
+                start = start + t
+            for got, want in ((caches[0].keys, caches[1].keys),
+                              (caches[0].values, caches[1].values)):
+                assert_close_to_rounding(got, want, 2 * H)
+        with pytest.raises(ValueError, match="consecutive"):
+            fused(torch.tensor([[5, 6]]), torch.randn(1, 2, H), torch.tensor([[3, 5]]), step=2,
+                  embed=embed, cache=fused.new_cache(1, 48))
+        hidden = torch.randn(3, 1, H)  # [B, 1, H]
+        assert_close_to_rounding(fused.logits(hidden, target.lm_head), target.lm_head(hidden), H)
+        other = torch.nn.Linear(H, LAYOUT.vocab_size, bias=False)  # not the snapshot's lm_head
+        torch.testing.assert_close(fused.logits(hidden, other), other(hidden))
+
+
 def test_rope_table_rows_equal_the_computed_values(target):
     """The decoding form looks RoPE up in a table; beyond it (a larger cache) it computes them."""
     cfg = tiny_head(target, "eagle").config
@@ -374,8 +412,8 @@ def test_skinny_linear_matches_linear_and_keeps_training_on_the_plain_path():
     skinny = copy.deepcopy(plain)
     assert use_skinny_linears(skinny) == 1 and type(skinny) is SkinnyLinear
     assert skinny.state_dict().keys() == plain.state_dict().keys()
-    # few rows (W @ x^T) and many (F.linear)
-    for shape in [(1, 48), (3, 5, 48), (2, 1, 48), (40, 48)]:
+    # one row (W @ x^T, padded to two) and more (F.linear)
+    for shape in [(1, 48), (1, 1, 48), (3, 5, 48), (2, 1, 48), (40, 48)]:
         x = torch.randn(*shape)
         with torch.inference_mode():
             want, got = plain(x), skinny(x)

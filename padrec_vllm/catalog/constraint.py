@@ -243,6 +243,15 @@ class ListConstraint:
         self.rollback(cp)
         return run
 
+    def accept_forced(self) -> list[int]:
+        """Accept the forced tokens that follow (``forced_run()``, then ``accept`` each) and
+        return them."""
+        run = []
+        while (tok := self.forced()) is not None:
+            self.accept(tok)
+            run.append(tok)
+        return run
+
     def _remove(self, idx: int, sign: int = 1) -> None:
         """Count item ``idx`` out of (``sign`` 1) or back into (-1) every node on its path."""
         path = self.trie.item_path[idx].tolist()

@@ -2,30 +2,43 @@
 (``catalog.constraint``), and the output is plain constrained greedy's, token for token.
 
 Each request has a ``ListConstraint``; the engine masks the target's logits with it at every
-position it verifies (``apply_mask``) and takes the argmax.
+position it verifies and takes the argmax.
 
-- plain (``ar``, the reference): one token per target forward, masked greedy.
+- plain (``ar``, the reference): one token per target forward, masked greedy (``apply_mask``).
 - ``skip_forced`` (plain, no head): after every emitted token the run of forced tokens
-  (``forced_run``: the only legal token, then the next one, ...) is appended without a forward.
-  A row's next block is ``[x_n, forced...]``; it enters the cache in the next forward, rows
-  right-padded to the longest (``kv.keep`` of each row's length), each row's logits read at its
-  last real input.
-- chain (a head; forced tokens are always skipped): the block is ``[x_n, forced..., chain]``.
-  At each chain position the head drafts its best *legal* token (its logits masked with the
-  state after the row's earlier tokens), unless the position is forced: then the forced token is
-  taken without the head's argmax and is no draft. A row's chain ends after K choices
-  (``num_drafts``) and the forced run that follows the K-th, or at ``<eos>``; so K counts real
-  choices. The head runs one chained step per position up to the row's last choice, forced
-  positions included (it needs inputs at every position; the next target forward provides the
-  real ones, as for drafts), so its step index is the chain position, not the choice count.
-  The target verifies the block masked at every position with the state after the row's tokens
-  up to there (a forced position's mask has one legal token, so the target agrees with it by
-  construction), keeps the agreeing prefix and its own next token, and the constraint is rolled
-  back to that prefix (``checkpoint`` / ``rollback``). The target's own token is never forced
-  (every forced run lies inside a block); the forced run after it is appended at once and
-  starts the next block. The head's cache needs no rollback, as in ``engine``: chained steps
-  write stand-in entries at their positions, which the next round's pass over the verified
-  inputs overwrites; rows run the steps in lockstep, a row whose chain has ended on padding.
+  (``accept_forced``: the only legal token, then the next one, ...) is appended without a
+  forward. A row's next block is ``[x_n, forced...]``; it enters the cache in the next forward,
+  rows right-padded to the longest (``kv.keep`` of each row's length), each row's logits read at
+  its last real input.
+- chain (a head; forced tokens are always skipped): the block is ``[x_n, forced..., chain]``,
+  the chain being K choices (``num_drafts``), each followed by the forced run after it; the
+  chain ends early at ``<eos>``. Head calls: step 1 runs over the verified inputs the head has
+  not seen (``Pending``, up to x_n); its output at x_n proposes the token after x_n. The head
+  then runs one single-token step per block position, forced ones included, up to the row's
+  last choice: a step needs the head's own output at the position before as its input feature
+  (as in training, where step k reads step k-1's outputs one position back), so a forced
+  position is fed through the head like any other, only its token is not drafted. At a choice
+  the head proposes its best *legal* token under the state after the row's earlier tokens; the
+  forced run that follows is appended at once, and the head's steps through it need no logits.
+  Rows run the steps in lockstep, a row that is waiting at a forced position or has ended its
+  chain on its next token or padding. The head's step index is its call number (1, 2, ...), so
+  it counts positions, not choices. (Feeding a whole forced run in one multi-token call would
+  need stand-in features at its later positions; with the latest available feature as stand-in
+  the first code after ``<sep>`` lost nearly all its acceptance, 0.69 to 0.05, on the demo
+  Beauty heads, so every position gets its own step.)
+- the target verifies the block in one forward. A forced position's token is the only legal
+  one, so the target agrees with it by construction; its token is computed only before each
+  choice and after the block (``checks``), masked with the state after the row's tokens up to
+  there. The row keeps the agreeing prefix and the target's own next token; the constraint is
+  rolled back to that prefix (``checkpoint`` / ``rollback``). The target's own token is never
+  forced (every forced run lies inside a block); the forced run after it is appended at once
+  and starts the next block. The head's cache needs no rollback, as in ``engine``: chained
+  steps write stand-in entries at their positions, which the next round's pass over the
+  verified inputs overwrites.
+- the masked argmax (head and target alike, ``_best_legal``): the unmasked argmax when it is
+  legal (it is then the lowest id of the highest logit among the legal ones too, so the result
+  equals ``apply_mask(...).argmax()``), else the argmax over the legal ids (sorted) only; no
+  [V] mask is built.
 - tree (a head and a ``TreeSpec``; ``decoding.constrained_tree``): the same block start
   ``[x_n, forced...]``, then an EAGLE-2 tree of the head's top-k legal tokens per node (a forced
   position gets its one token, a path at most K choices), verified in one forward under the
@@ -33,13 +46,13 @@ position it verifies (``apply_mask``) and takes the argmax.
   a chain round does (``_close``). The batch loop is shared; only the round differs.
 
 Accounting (``decoding.accounting``): a round's drafts are its choices (``accept_by_pos`` by
-choice index), skipped forced tokens count in ``forced_tokens`` when emitted; the first token
-(prefill) and the target's own tokens are never counted as forced.
+choice index), ``draft_forwards`` its head calls (step 1 and the single steps); skipped forced
+tokens count in ``forced_tokens`` when emitted; the first token (prefill) and the target's own
+tokens are never counted as forced.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -49,10 +62,9 @@ from torch import nn
 from padrec_vllm.catalog.constraint import ListConstraint, apply_mask, fill_mask
 from padrec_vllm.catalog.tokens import PAD_ID
 from padrec_vllm.decoding.accounting import RequestAccounting
-from padrec_vllm.decoding.constrained_tree import tree_round
+from padrec_vllm.decoding.constrained_tree import Pending, tree_round
 from padrec_vllm.decoding.kv import TargetKV, prefill
 from padrec_vllm.decoding.protocol import Drafter
-from padrec_vllm.decoding.speculative import accepted_prefix
 from padrec_vllm.decoding.timing import charge, clock
 from padrec_vllm.decoding.tree import TreeSpec
 
@@ -94,12 +106,13 @@ def decode_constrained_batch(
 
     if head is not None:
         run = states[0].trie.item_path.shape[1]  # L + 1: a forced run is at most L + 1 long
-        # a chain: the tail, then K choices each followed by a forced run
-        hcache = head.new_cache(b, ids.shape[1] + max_new_tokens + (num_drafts + 2) * (run + 1))
-        # pending head inputs (f_p, x_{p+1}) at positions start..start+count-1, right-padded
+        # a chain: the tail, then K choices each followed by a forced run; padding inputs of
+        # rows that have stopped drafting run up to K positions past their last
+        hcache = head.new_cache(b, ids.shape[1] + max_new_tokens + (num_drafts + 2) * (run + 2))
         h_ids = ids.roll(-1, dims=1)  # [B, T]
         h_ids[ar, lens - 1] = nxt
-        pending = (h_ids, feats, torch.arange(ids.shape[1], device=device).expand(b, -1), lens)
+        pending = Pending(h_ids, feats, torch.arange(ids.shape[1], device=device).expand(b, -1),
+                           lens.tolist())
 
     while True:
         if any(finished):
@@ -112,7 +125,7 @@ def decode_constrained_batch(
             states, tails = [states[i] for i in keep], [tails[i] for i in keep]
             if head is not None:
                 hcache.select(sel)
-                pending = tuple(x[sel] for x in pending)
+                pending = pending.select(keep, sel)
 
         t0 = clock(device)
         if head is None:
@@ -129,7 +142,7 @@ def decode_constrained_batch(
 
         if tree is None:
             rnd = _chain_round(head, embed, lm_head, hcache, kv, states, tails, pending,
-                               num_drafts, buf[: len(states)])
+                               num_drafts)
         else:
             rnd = tree_round(head, embed, lm_head, hcache, kv, states, tails, pending, num_drafts,
                              tree)
@@ -152,9 +165,7 @@ def _close(row: RequestAccounting, state: ListConstraint, kept: list[int], force
     -> (the next block's start [bonus, forced...], finished)."""
     if not state.is_done():  # done: <eos> is among ``kept``, the rest is never emitted
         state.accept(bonus)
-    run = state.forced_run() if skip else []
-    for tok in run:
-        state.accept(tok)
+    run = state.accept_forced() if skip else []
     flags = forced + [False] + [True] * len(run)
     return [bonus] + run, row.emit(kept + [bonus] + run, max_new_tokens, eos_id, flags)
 
@@ -178,21 +189,24 @@ def _plain_forward(lm_head: nn.Module, kv: TargetKV, states: list[ListConstraint
     return apply_mask(logits, fill_mask(states, buf)).argmax(-1).tolist()
 
 
-def _fill(out: torch.Tensor, legal: Sequence[np.ndarray | None]) -> torch.Tensor:
-    """``out`` [N, V] bool with row n True at the token ids ``legal[n]`` (None: all False)."""
-    arrays = [np.zeros(0, np.int64) if a is None else a for a in legal]
-    rows = np.repeat(np.arange(len(arrays)), [len(a) for a in arrays])  # [n]
-    cols = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)  # [n]
-    out.zero_()
-    out[torch.from_numpy(rows).to(out.device), torch.from_numpy(cols).to(out.device)] = True
-    return out
+def _best_legal(logits: torch.Tensor, row: int, top: int, legal: np.ndarray) -> int:
+    """The legal token (``legal``: sorted ids, at least one) with the highest logit in row
+    ``row`` of ``logits`` [N, V], whose unmasked argmax is ``top``; ties go to the lowest id, as
+    ``apply_mask(...).argmax()`` breaks them. The argmax, when legal, is the answer (it is the
+    lowest id with the highest logit of all), so the masked argmax is needed only when it is not."""
+    i = int(np.searchsorted(legal, top))
+    if i < len(legal) and legal[i] == top:
+        return top
+    if len(legal) == 1:
+        return int(legal[0])
+    at = torch.from_numpy(legal.copy()).to(logits.device)  # [n]; the trie's arrays are read-only
+    return int(legal[int(logits[row, at].argmax())])
 
 
 class _Round(NamedTuple):
     """One constrained chain round, for the batch loop."""
 
-    # the head's next pending inputs: ids [B, T], features [B, T, H], positions [B, T], counts [B]
-    pending: tuple
+    pending: Pending  # the head's next pending inputs
     # per row: (kept tokens after the tail, their forced flags, the target's own next token,
     #           (choices proposed, choices accepted, the target's tokens at the judged choices))
     rows: list[tuple[list[int], list[bool], int, tuple[int, int, list[int]]]]
@@ -201,77 +215,94 @@ class _Round(NamedTuple):
 
 
 def _chain_round(head: Drafter, embed: nn.Module, lm_head: nn.Module, hcache, kv: TargetKV,
-                 states: list[ListConstraint], tails: list[list[int]], pending: tuple,
-                 num_drafts: int, buf: torch.Tensor) -> _Round:
+                 states: list[ListConstraint], tails: list[list[int]], pending: Pending,
+                 num_drafts: int) -> _Round:
     """Draft each row's constrained chain after its tail, verify the blocks masked, keep the
     agreeing prefixes (module docstring)."""
-    device = buf.device
     b = len(tails)
-    h_ids, h_feats, h_pos, h_count = pending
-    ar = torch.arange(b, device=device)  # [B]
-    hidden = head(h_ids, h_feats, h_pos, step=1, embed=embed, cache=hcache)  # [B, T, H]
-    h = hidden[ar, h_count - 1][:, None]  # [B, 1, H]
-    pos = h_pos[ar, h_count - 1][:, None]  # [B, 1]
+    h_ids, h_feats, h_pos, counts = pending
+    device = h_ids.device
+    hidden = head(h_ids, h_feats, h_pos, step=1, embed=embed, cache=hcache)  # [B, T, ...]
+    if b == 1 and counts[0] == h_ids.shape[1]:  # unpadded
+        h, pos = hidden[:, -1:], h_pos[:, -1:]  # [1, 1, ...], [1, 1]
+    else:
+        last = torch.tensor(counts, device=device) - 1  # [B]
+        ar = torch.arange(b, device=device)  # [B]
+        h, pos = hidden[ar, last][:, None], h_pos[ar, last][:, None]  # [B, 1, ...], [B, 1]
     blocks = [list(t) for t in tails]
-    # legal[r][j]: legal tokens after blocks[r][:j+1] (tail positions: the next forced token)
-    legal = [[np.array([t], np.int64) for t in tail[1:]] for tail in tails]
     choice = [[False] * len(t) for t in tails]  # per block position: a head's choice
+    # per row: (block index j, legal tokens after blocks[r][:j + 1]) where the target's token
+    # is needed: before each choice (forced positions agree by construction)
+    checks: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(b)]
     start_cp = [s.checkpoint() for s in states]  # the state after the tail
-    active, n_choices, step = [True] * b, [0] * b, 1
+    going, step = set(range(b)), 1
     while True:
-        # the head's output at step s proposes block position s of the rows that have reached it
-        at = [r for r in range(b) if active[r] and len(blocks[r]) == step]
-        for r in at:
-            legal[r].append(states[r].allowed())
-        choosing = {r for r in at if len(legal[r][-1]) > 1}
+        # the head's output at step s proposes block position s; a row's block holds every
+        # forced token up to its next choice, so a row that has reached its block's end chooses
+        choosing = [r for r in going if len(blocks[r]) == step]
         if choosing:
             logits = head.logits(h, lm_head)[:, 0]  # [B, V]
-            mask = _fill(buf, [legal[r][-1] if r in choosing else None for r in range(b)])
-            best = apply_mask(logits, mask).argmax(-1).tolist()  # [B]
-        for r in at:
-            tok = best[r] if r in choosing else int(legal[r][-1][0])
+            top = logits.argmax(-1).tolist()  # [B]
+        for r in choosing:
+            legal = states[r].allowed()
+            tok = _best_legal(logits, r, top[r], legal)
+            checks[r].append((step - 1, legal))
             states[r].accept(tok)
-            blocks[r].append(tok)
-            choice[r].append(r in choosing)
-            n_choices[r] += r in choosing
-            if n_choices[r] == num_drafts:
-                for forced in states[r].forced_run():
-                    legal[r].append(np.array([forced], np.int64))
-                    states[r].accept(forced)
-                    blocks[r].append(forced)
-                    choice[r].append(False)
-            if n_choices[r] == num_drafts or states[r].is_done():
-                legal[r].append(states[r].allowed())  # for the target's own next token
-                active[r] = False
-        if not any(active):
+            run = states[r].accept_forced()
+            blocks[r] += [tok] + run
+            choice[r] += [True] + [False] * len(run)
+            if len(checks[r]) == num_drafts or states[r].is_done():
+                going.discard(r)  # its chain ends after the forced run that follows
+        if not going:
             break
         step += 1
         pos = pos + 1  # [B, 1]
-        x = [blocks[r][step - 1] if len(blocks[r]) >= step else PAD_ID for r in range(b)]
-        h = head(torch.tensor(x, device=device)[:, None], h, pos, step=step, embed=embed,
-                 cache=hcache)  # [B, 1, H]
+        x = [[blocks[r][step - 1] if r in going else PAD_ID] for r in range(b)]
+        h = head(torch.tensor(x, device=device), h, pos, step=step, embed=embed,
+                 cache=hcache)  # [B, 1, ...]
     drafted_at = clock(device)
 
-    block, lens = _pad(blocks, device)  # [B, T], [B]
-    t = block.shape[1]
+    block = torch.tensor(blocks, device=device) if b == 1 else _pad(blocks, device)[0]  # [B, T]
+    for r in range(b):  # and after the block (nothing after <eos>)
+        if not states[r].is_done():
+            checks[r].append((len(blocks[r]) - 1, states[r].allowed()))
     start = kv.lengths.clone()  # [B]: position of x_n
     feats = kv.forward_block(block)  # [B, T, H]
-    masks = torch.empty(b * t, buf.shape[1], dtype=torch.bool, device=device)  # [B*T, V]
-    flat = [legal[r][j] if j < len(legal[r]) else None for r in range(b) for j in range(t)]
-    masks = _fill(masks, flat).view(b, t, -1)  # [B, T, V]
-    verified = apply_mask(lm_head(feats), masks).argmax(-1)  # [B, T]
-    accepted = accepted_prefix(block[:, 1:], verified, lens - 1)  # [B]
-    kv.keep(accepted + 1)
-    h_pos = start[:, None] + torch.arange(t, device=device)  # [B, T]
-    out = []
-    for r, (a, v) in enumerate(zip(accepted.tolist(), verified.tolist())):
-        n_tail = len(tails[r])
-        if a < n_tail - 1:
-            raise RuntimeError("the target disagreed with a forced token")
+    at = [(r, j, legal) for r in range(b) for j, legal in checks[r]]
+    at_j = torch.tensor([j for _, j, _ in at], device=device)  # [N]
+    if b == 1:
+        logits = lm_head(feats[0, at_j])  # [N, V]
+    else:
+        logits = lm_head(feats[torch.tensor([r for r, _, _ in at], device=device), at_j])
+    top = logits.argmax(-1).tolist()  # [N]
+    target_tok = {(r, j): _best_legal(logits, n, top[n], legal)
+                  for n, (r, j, legal) in enumerate(at)}
+    accepted, bonus, out = [], [], []
+    for r in range(b):
+        n_tail, n_choices = len(tails[r]), sum(choice[r])
+        took, a = 0, len(blocks[r]) - 1
+        for j, _ in checks[r][:n_choices]:  # the choice at block index j + 1
+            if target_tok[r, j] != blocks[r][j + 1]:
+                a = j
+                break
+            took += 1
+        accepted.append(a)
+        bonus.append(target_tok.get((r, a), PAD_ID))  # none after <eos>: never emitted
         states[r].rollback(start_cp[r] + a + 1 - n_tail)
-        picks = [j for j in range(1, len(blocks[r])) if choice[r][j]]
-        took = sum(j <= a for j in picks)  # choices accepted; the next one, if any, was rejected
-        verdict = (len(picks), took, [v[j - 1] for j in picks[: took + 1]])
+        judged = [target_tok[r, j] for j, _ in checks[r][: min(took + 1, n_choices)]]
         kept = blocks[r][n_tail : a + 1]
-        out.append((kept, [not c for c in choice[r][n_tail : a + 1]], v[a], verdict))
-    return _Round((verified, feats, h_pos, accepted + 1), out, step, drafted_at)
+        out.append((kept, [not c for c in choice[r][n_tail : a + 1]], bonus[-1],
+                    (n_choices, took, judged)))
+    kv.keep(torch.tensor([a + 1 for a in accepted], device=device))
+    # the head's next pending inputs: (f_{n+j}, x_{n+j+1}) for the kept positions j = 0..a
+    if b == 1:  # unpadded
+        a = accepted[0]
+        nxt = torch.tensor([blocks[0][1 : a + 1] + bonus], device=device)  # [1, a + 1]
+        feats = feats[:, : a + 1]  # [1, a + 1, H]
+    else:
+        nxt = block.roll(-1, dims=1)  # [B, T]
+        nxt[torch.arange(b, device=device), torch.tensor(accepted, device=device)] = (
+            torch.tensor(bonus, device=device))
+    h_pos = start[:, None] + torch.arange(nxt.shape[1], device=device)  # [B, T]
+    pending = Pending(nxt, feats, h_pos, [a + 1 for a in accepted])
+    return _Round(pending, out, step, drafted_at)

@@ -64,12 +64,26 @@ from padrec_vllm.decoding.tree import DraftTree, TreeSpec, _select, accept_tree,
 ROOT = -1  # pool index of x_n
 
 
+class Pending(NamedTuple):
+    """The head's pending inputs (f_p, x_{p+1}) at positions start..start+count-1 of each row:
+    the verified positions it has not seen, right-padded (chain and tree rounds alike)."""
+
+    ids: torch.Tensor  # [B, T]
+    feats: torch.Tensor  # [B, T, H]
+    pos: torch.Tensor  # [B, T]
+    counts: list[int]  # per row, at least 1
+
+    def select(self, keep: list[int], sel: torch.Tensor) -> Pending:
+        """Rows ``keep`` (as the tensor ``sel``) only."""
+        return Pending(self.ids[sel], self.feats[sel], self.pos[sel],
+                        [self.counts[i] for i in keep])
+
+
 class TreeRound(NamedTuple):
     """One constrained tree round, for ``constrained.decode_constrained_batch`` (the fields of
     its chain round)."""
 
-    # the head's next pending inputs: ids [B, T], features [B, T, H], positions [B, T], counts [B]
-    pending: tuple
+    pending: Pending  # the head's next pending inputs
     # per row: (kept tokens after the forced run, their forced flags, the target's own token,
     #           (choices proposed, choices accepted, the target's tokens at the judged choices))
     rows: list[tuple[list[int], list[bool], int, tuple[int, int, list[int]]]]
@@ -192,7 +206,7 @@ def draft_constrained_tree(
     embed: nn.Module,
     lm_head: nn.Module,
     cache,
-    pending: tuple,
+    pending: Pending,
     pools: list[_Pool],
     num_drafts: int,
     spec: TreeSpec,
@@ -204,9 +218,10 @@ def draft_constrained_tree(
     -> (the tree, per row the pool index of each node). ``pending``: the head's verified inputs
     (ids, features, positions, counts), as for ``tree.draft_tree``; ``free[r]``: row r's forced
     run after x_n (its first nodes, kept beyond ``spec.nodes``)."""
-    h_ids, h_feats, h_pos, h_count = pending
+    h_ids, h_feats, h_pos, counts = pending
     b, k = len(pools), spec.top_k
     device = h_ids.device
+    h_count = torch.tensor(counts, device=device)  # [B]
     rows = torch.arange(b, device=device)  # [B]
     hidden = head(h_ids, h_feats, h_pos, step=1, embed=embed, cache=cache)  # [B, T, H]
     h = hidden[rows, h_count - 1][:, None]  # [B, F, H]: head output at each frontier entry
@@ -284,7 +299,7 @@ def draft_constrained_tree(
 
 
 def tree_round(head: TreeDrafter, embed: nn.Module, lm_head: nn.Module, hcache, kv: TargetKV,
-               states: list[ListConstraint], tails: list[list[int]], pending: tuple,
+               states: list[ListConstraint], tails: list[list[int]], pending: Pending,
                num_drafts: int, spec: TreeSpec) -> TreeRound:
     """Draft each row's constrained tree from its block start ``tails[r]`` = [x_n, forced...]
     (``states[r]`` is after it), verify it masked, keep the agreeing path (module docstring)."""
@@ -334,4 +349,5 @@ def tree_round(head: TreeDrafter, embed: nn.Module, lm_head: nn.Module, hcache, 
         judged = [pool.tok[n] for n in picks] + ([v[lf]] if len(pool.legal(last)) > 1 else [])
         out.append(([pool.tok[n] for n in nodes[m:]], [not pool.choice[n] for n in nodes[m:]],
                     v[lf], (proposed, len(picks), judged)))
-    return TreeRound((h_ids, h_feats, h_pos, accepted + 1), out, dt.head_steps, drafted_at)
+    pending = Pending(h_ids, h_feats, h_pos, (accepted + 1).tolist())
+    return TreeRound(pending, out, dt.head_steps, drafted_at)

@@ -25,6 +25,11 @@ What it snapshots:
   ``add_padrec_terms``;
 - the RoPE table of ``max_position_embeddings`` positions (two lookups per call instead of the
   seven ops of ``rope_cos_sin``; a cache with more slots falls back to computing them).
+- on CPU in float (not int8), the decoder layer fused (``fused_layer.FusedLayer``: q, k, v and
+  RoPE in one matmul, transposed weights, the tiled RoPE table and a causal mask table), used for
+  every call with a cache and without a tree whose cache fits the RoPE table; one token at batch
+  1 takes its token and position as ints (``fused_step``). Logits then come from a transposed
+  copy of the target's ``lm_head`` when called with that ``lm_head``.
 
 ``int8=True`` (a float32 head on CPU): the decoder layer's linears, the logits (an int8 copy of
 the target's ``lm_head``) and the fold's feature matrix W_f become ``Int8Linear`` copies held
@@ -46,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from padrec_vllm.model.config import HeadConfig
+from padrec_vllm.model.fused_layer import FusedLayer, fused_forward, fused_layer, fused_step
 from padrec_vllm.model.head import DraftHead
 from padrec_vllm.model.head_cache import HeadCache, TreeAttention
 from padrec_vllm.model.int8_linear import Int8Linear
@@ -110,6 +116,9 @@ class DecodingHead:
     apply_terms: ApplyTerms  # CUDA: add_padrec_terms or its fused kernel
     lm_head: nn.Module | None  # int8: the target's lm_head as an Int8Linear
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [S, D]
+    fused: FusedLayer | None = None  # CPU float: the layer in few ops (``model.fused_layer``)
+    # CPU float: (the target's lm_head, its weight transposed [H, V]) for few-row logits
+    lm_head_t: tuple[nn.Module, torch.Tensor] | None = None
 
     @property
     def num_steps(self) -> int:
@@ -140,6 +149,13 @@ class DecodingHead:
         if embed is not self.embed:
             raise ValueError("a DecodingHead runs with the input embedding it was built from")
         k = self.config.step_row(step)
+        f = self.fused
+        if f is not None and tree is None and cache.capacity <= f.cos.shape[0]:
+            if input_ids.numel() == 1:  # one query: positions and tokens as ints
+                u = self._folded_token(int(input_ids), features.view(1, -1), k)  # [1, H]
+                return fused_step(f, u, int(position_ids), cache).view(1, 1, -1)  # [1, 1, H]
+            u = self._folded_input(input_ids, features, k)  # [B, T, H]
+            return fused_forward(f, u, position_ids, cache)  # [B, T, H]
         if self.fold is not None:
             u = self._folded_input(input_ids, features, k)  # [B, T, H]
         else:
@@ -152,7 +168,11 @@ class DecodingHead:
     def logits(self, hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
         """hidden [..., H] -> logits [..., V] through the target's ``lm_head`` (or its int8
         copy)."""
-        return (lm_head if self.lm_head is None else self.lm_head)(hidden)
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        if self.lm_head_t is not None and lm_head is self.lm_head_t[0]:
+            return hidden @ self.lm_head_t[1]  # [..., V]
+        return lm_head(hidden)
 
     def _folded_input(self, input_ids: torch.Tensor, features: torch.Tensor,
                       k: int) -> torch.Tensor:
@@ -169,6 +189,15 @@ class DecodingHead:
             return u
         gate = torch.sigmoid(u[..., h : h + 1])  # [B, T, 1]
         return torch.addcmul(u[..., :h], gate, t.step_vecs[k])  # [B, T, H]
+
+    def _folded_token(self, token: int, feature: torch.Tensor, k: int) -> torch.Tensor:
+        """``_folded_input`` of one token: feature [1, H] -> u [1, H]."""
+        t = self.fold
+        h = feature.shape[1]
+        u = torch.addmm(t.tokens[k][token : token + 1], feature, t.features_t)  # [1, H']
+        if t.step_vecs is None:
+            return u
+        return torch.addcmul(u[:, :h], torch.sigmoid(u[:, h : h + 1]), t.step_vecs[k])  # [1, H]
 
     def _rope(self, position_ids: torch.Tensor,
               cache: HeadCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,8 +232,13 @@ def decoding_head(head: DraftHead, target: nn.Module, *, int8: bool = False) -> 
         proj.weight.data = fold.features_t.t().contiguous()  # [H', H]
         feature_proj = Int8Linear(proj)
     rope = rope_table(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta, p.dtype, p.device)
+    fused, lm_head_t = None, None
+    if fold is not None and not int8:
+        fused = fused_layer(head.layers[0], rope)
+        if getattr(target.lm_head, "bias", None) is None:
+            lm_head_t = (target.lm_head, target.lm_head.weight.detach().t().contiguous())
     return DecodingHead(cfg, head.slot_of_token, embed, layer, head.fc, fold, feature_proj,
-                        terms, apply_terms, lm_head, rope)
+                        terms, apply_terms, lm_head, rope, fused, lm_head_t)
 
 
 def _terms_for(head: DraftHead) -> tuple[PadRecTerms, ApplyTerms]:
