@@ -91,8 +91,9 @@ def check_answer(
     )
     spec = body["spec"]
     if body["history"]["cold_start"]:  # no model call: no figures
-        assert spec == {"speculative": False, "draft_tokens": 0, "accepted_tokens": 0, "tau": 0.0,
-                        "target_forwards": 0, "acceptance_by_position": []}
+        assert spec == {"speculative": False, "num_draft_tokens": 0, "draft_tokens": 0,
+                        "accepted_tokens": 0, "tau": 0.0, "target_forwards": 0,
+                        "acceptance_by_position": []}
         assert lat["engine"] == lat["prefill"] == lat["decode"] == lat["queue"] == 0
         return
     # every decode forward emits at least one token; the budget is several items long

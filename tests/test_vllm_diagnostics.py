@@ -123,7 +123,8 @@ def test_a_failed_vllm_start_names_its_root_cause(tiny_artifacts, synth_data_dir
 
     port = free_port()
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PADREC_ARTIFACTS": str(tiny_artifacts), "PADREC_ENGINE": "vllm",
+    base = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # wins on CPU
+    env = {**base, "PADREC_ARTIFACTS": str(tiny_artifacts), "PADREC_ENGINE": "vllm",
            "PADREC_DATA_DIR": str(synth_data_dir), "PADREC_CALIBRATION_REQUESTS": "0",
            "PADREC_VLLM_KV_CACHE_GIB": "0.00001", "PADREC_HOST": HOST, "PADREC_PORT": str(port),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}

@@ -221,7 +221,7 @@ def draft_constrained_tree(
     h_ids, h_feats, h_pos, counts = pending
     b, k = len(pools), spec.top_k
     device = h_ids.device
-    h_count = torch.tensor(counts, device=device)  # [B]
+    h_count = torch.as_tensor(counts, device=device)  # [B]
     rows = torch.arange(b, device=device)  # [B]
     hidden = head(h_ids, h_feats, h_pos, step=1, embed=embed, cache=cache)  # [B, T, H]
     h = hidden[rows, h_count - 1][:, None]  # [B, F, H]: head output at each frontier entry

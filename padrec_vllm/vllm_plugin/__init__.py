@@ -72,9 +72,9 @@ def register() -> None:
     """Install the diagnostics, register the PAD-Rec head, hook the draft step and the list
     constraint (idempotent)."""
     global _registered
+    diagnostics.install()  # checks its own state: cheap, and survives a logging reset
     if _registered:
         return
-    diagnostics.install()
     check_vllm_version()
     from vllm import ModelRegistry
 

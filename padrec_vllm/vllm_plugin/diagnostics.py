@@ -42,18 +42,15 @@ ERROR_FILE_ENV = "PADREC_VLLM_ERROR_FILE"
 NOISY_DEL = ("vllm._custom_ops", "CPUDNNLGEMMHandler.__del__")
 FAKE_TENSOR_CODE = f"torch{os.sep}_subclasses{os.sep}"
 
-_installed = False
-
-
 def install() -> None:
-    """The root-cause handler on the ``vllm`` logger and the unraisable-hook filter
-    (idempotent; module docstring)."""
-    global _installed
-    if _installed:
-        return
-    logging.getLogger("vllm").addHandler(RootCauseHandler())
-    sys.unraisablehook = quiet_unraisable(sys.unraisablehook)
-    _installed = True
+    """The root-cause handler on the ``vllm`` logger and the unraisable-hook filter, each added
+    when missing (idempotent, and again after something reset the logger or the hook; module
+    docstring)."""
+    logger = logging.getLogger("vllm")
+    if not any(isinstance(h, RootCauseHandler) for h in logger.handlers):
+        logger.addHandler(RootCauseHandler())
+    if getattr(sys.unraisablehook, "padrec_wrapped", None) is None:
+        sys.unraisablehook = quiet_unraisable(sys.unraisablehook)
 
 
 # --------------------------------------------------------------------------- root cause
