@@ -276,16 +276,33 @@ class ListConstraint:
         )
 
 
+def _scatter(out: torch.Tensor, legal: Sequence[np.ndarray | None]) -> torch.Tensor:
+    """Set row n of ``out`` (bool [N, V], zeroed here) True at ``legal[n]``, every token when
+    ``legal[n]`` is None; one index assignment for the whole batch."""
+    arrays = [np.zeros(0, np.int64) if a is None else a for a in legal]
+    rows = np.repeat(np.arange(len(arrays)), [len(a) for a in arrays])  # [n]
+    cols = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)  # [n]
+    out.zero_()  # [N, V]
+    out[torch.from_numpy(rows).to(out.device), torch.from_numpy(cols).to(out.device)] = True
+    free = [n for n, a in enumerate(legal) if a is None]
+    if free:
+        out[torch.tensor(free, device=out.device)] = True
+    return out
+
+
 def fill_mask(states: Sequence[ListConstraint], out: torch.Tensor) -> torch.Tensor:
     """Write the legal tokens of ``states[b]`` into row ``b`` of ``out`` (bool [B, V], V at least
     the layout's vocabulary) and return it. One index assignment for the whole batch; a done
     state's row is all False (engines drop finished requests)."""
-    allowed = [s.allowed() for s in states]
-    rows = np.repeat(np.arange(len(states)), [len(a) for a in allowed])  # [n]
-    cols = np.concatenate(allowed) if allowed else np.zeros(0, np.int64)  # [n]
-    out.zero_()  # [B, V]
-    out[torch.from_numpy(rows).to(out.device), torch.from_numpy(cols).to(out.device)] = True
-    return out
+    return _scatter(out, [s.allowed() for s in states])
+
+
+def legal_mask(
+    legal: Sequence[np.ndarray | None], vocab_size: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Bool [N, vocab_size]: row n True at the token ids ``legal[n]`` (sorted or not), every
+    token where ``legal[n]`` is None (a row without a constraint)."""
+    return _scatter(torch.empty(len(legal), vocab_size, dtype=torch.bool, device=device), legal)
 
 
 def allowed_mask(

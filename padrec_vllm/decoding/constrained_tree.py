@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from padrec_vllm.catalog.constraint import ListConstraint, apply_mask
+from padrec_vllm.catalog.constraint import ListConstraint, apply_mask, legal_mask
 from padrec_vllm.catalog.tokens import PAD_ID
 from padrec_vllm.decoding.kv import TargetKV
 from padrec_vllm.decoding.protocol import TreeDrafter
@@ -188,19 +188,6 @@ class _Pool:
                     done.add(node)  # a run cut at ``limit`` is not extended
 
 
-def _legal_mask(legal: Sequence[np.ndarray | None], vocab: int, device) -> torch.Tensor:
-    """Bool [N, vocab]: row n True at the token ids ``legal[n]`` (None: every token)."""
-    out = torch.zeros(len(legal), vocab, dtype=torch.bool)
-    for n, a in enumerate(legal):
-        if a is None:
-            out[n] = True
-    arrays = [np.zeros(0, np.int64) if a is None else a for a in legal]
-    rows = np.repeat(np.arange(len(arrays)), [len(a) for a in arrays])  # [n]
-    cols = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)  # [n]
-    out[torch.from_numpy(rows), torch.from_numpy(cols)] = True
-    return out.to(device)
-
-
 def draft_constrained_tree(
     head: TreeDrafter,
     embed: nn.Module,
@@ -241,7 +228,7 @@ def draft_constrained_tree(
             for r, i in choosing:
                 legal[r * f + i] = pools[r].legal(frontier[r][i])
             logits = head.logits(h, lm_head).float()  # [B, F, V]
-            mask = _legal_mask(legal, logits.shape[-1], device).view(b, f, -1)  # [B, F, V]
+            mask = legal_mask(legal, logits.shape[-1], device).view(b, f, -1)  # [B, F, V]
             top_score, top_tok = apply_mask(logits, mask).log_softmax(-1).topk(
                 min(k, logits.shape[-1]), dim=-1)  # [B, F, k] each
             top_score, top_tok = top_score.tolist(), top_tok.tolist()
@@ -321,7 +308,7 @@ def tree_round(head: TreeDrafter, embed: nn.Module, lm_head: nn.Module, hcache, 
     legal = [pools[r].legal(q) if j == 0 or valid[r][j - 1] else np.zeros(0, np.int64)
              for r in range(b) for j, q in enumerate([ROOT] + src[r])]
     logits = lm_head(feats)  # [B, N+1, V]
-    mask = _legal_mask(legal, logits.shape[-1], device).view(logits.shape)  # [B, N+1, V]
+    mask = legal_mask(legal, logits.shape[-1], device).view(logits.shape)  # [B, N+1, V]
     verified = apply_mask(logits, mask).argmax(-1)  # [B, N+1]
     accepted, leaf = accept_tree(dt, verified)  # [B], [B]
     kv.keep_mask(dt.mask[torch.arange(b, device=device), leaf])

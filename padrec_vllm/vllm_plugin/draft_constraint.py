@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 import torch
 
-from padrec_vllm.catalog.constraint import ListConstraint, apply_mask, fill_mask
+from padrec_vllm.catalog.constraint import ListConstraint, apply_mask, legal_mask
 from padrec_vllm.vllm_plugin.patching import install_hook
 from padrec_vllm.vllm_plugin.structured import catalog_trie, is_list_grammar, parse_payload
 
@@ -124,10 +124,8 @@ def _sample_hook(original: Callable) -> Callable:
         logits = self.model.compute_logits(hidden_states)  # [B, V]
         live = [i for i, s in enumerate(rows) if s is not None and not s.is_done()]
         if live:
-            mask = torch.ones_like(logits, dtype=torch.bool)  # [B, V]
-            idx = torch.tensor(live, device=logits.device)
-            mask[idx] = fill_mask([rows[i] for i in live], mask[idx])
-            logits = apply_mask(logits, mask)
+            legal = [s.allowed() if s is not None and not s.is_done() else None for s in rows]
+            logits = apply_mask(logits, legal_mask(legal, logits.shape[-1], logits.device))
         drafts = logits.argmax(dim=-1)  # [B]
         for i, tok in zip(live, drafts[live].tolist()):
             rows[i].accept(tok)
