@@ -105,6 +105,22 @@ def local_server(
 
     The repository root leads the child's ``PYTHONPATH``, so ``command`` may run a module of
     this checkout (``benchmarks.*``)."""
+    with local_server_process(artifacts, log_path, env=env, ready_timeout_s=ready_timeout_s,
+                              command=command) as (url, _proc):
+        yield url
+
+
+@contextlib.contextmanager
+def local_server_process(
+    artifacts: Path,
+    log_path: Path,
+    *,
+    env: dict[str, str] | None = None,
+    ready_timeout_s: float = 900.0,
+    command: Sequence[str] = SERVER_COMMAND,
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``local_server`` that also yields the server's process (for its pid, e.g. to sample
+    memory): ``(url, proc)``."""
     port = free_port()
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     full_env = {
@@ -121,4 +137,4 @@ def local_server(
             wait_ready(url, ready_timeout_s, proc)
         except RuntimeError as exc:
             raise RuntimeError(f"{exc} (server log: {log_path})") from None
-        yield url
+        yield url, proc

@@ -13,6 +13,11 @@ speculation on and off.
     # sweep against two running deployments (speculation on / off) instead
     python loadtests/run.py sweep --spec-host URL --plain-host URL --dataset Beauty ...
 
+    # memory soak: a local server under steady load, RSS of it and its engine process sampled
+    # (loadtests/soak.py); soak.json / soak.md / soak.png under --out
+    python loadtests/run.py soak --artifacts artifacts/demo-Beauty --users 16 --duration 1h \
+        --sample 30s --out runs/soak
+
 Latency percentiles are locust's (client side, HTTP included). tau, acceptance and decode time per
 token under load come from the server's /metrics, read before and after each run. Speedup at a
 concurrency: requests/s with speculation over requests/s without, and p50 without over p50 with.
@@ -36,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # a script: the checkout's benchmarks/ is not installed
     sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.local_server import local_server, wait_ready
+from benchmarks.local_server import local_server, local_server_process, wait_ready
 
 LOCUSTFILE = HERE / "locustfile.py"
 SERVER_COUNTERS = ("padrec_decode_tokens_total", "padrec_target_forwards_total",
@@ -295,7 +300,40 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--plain-host", default=None, help="running server with speculation off")
     sw.add_argument("--note", default="", help="a line printed above the table (hardware, preset)")
     common(sw)
+
+    so = sub.add_parser("soak", help="steady load on a local server, its memory sampled")
+    so.add_argument("--artifacts", type=Path, required=True, help="artifacts of the local server")
+    so.add_argument("--engine", default="vllm", choices=["vllm", "reference"],
+                    help="engine of the local server (default vllm)")
+    so.add_argument("--users", type=int, default=16, help="concurrent users (default 16)")
+    so.add_argument("--sample", type=parse_duration, default=30.0,
+                    help="RSS sampling interval: 30s, 1m, ... (default 30s)")
+    so.add_argument("--env", type=_env, action="append", default=[], metavar="KEY=VALUE",
+                    help="extra environment of the local server")
+    so.add_argument("--ready-timeout", type=float, default=900.0,
+                    help="seconds to wait for /readyz")
+    common(so)
     return parser
+
+
+def run_soak(args, command: str) -> int:
+    from loadtests.soak import soak, write_reports
+
+    env = dict(args.env)
+    env.setdefault("PADREC_ENGINE", args.engine)
+    if args.data_dir:
+        env.setdefault("PADREC_DATA_DIR", str(args.data_dir))
+    locust_args = ["--dataset", args.dataset, "--k", str(args.k), "--seed", str(args.seed)]
+    if args.data_dir:
+        locust_args += ["--data-dir", str(args.data_dir)]
+    with local_server_process(args.artifacts, args.out / "server.log", env=env,
+                              ready_timeout_s=args.ready_timeout) as (url, proc):
+        if args.warmup:
+            warm_up(url, args.dataset, args.data_dir, args.k, args.warmup)
+        result = soak(url, proc.pid, users=args.users, duration_s=args.duration,
+                      sample_s=args.sample, out=args.out, locust_args=locust_args)
+    print(write_reports(result, args.out, command))
+    return 1 if result.failures or not result.requests else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         args.dataset = paths.read_build_info()["dataset"] if built else "Beauty"
     args.out.mkdir(parents=True, exist_ok=True)
 
+    if args.command == "soak":
+        return run_soak(args, command)
     if args.command == "run":
         wait_ready(args.host.rstrip("/"), args.ready_timeout)
         results = [run_locust(args.host.rstrip("/"), args.users, args.duration, args.out,

@@ -1,0 +1,192 @@
+"""Memory soak: steady load on a local server for a bounded time, the resident memory of the
+server and every process it started (vLLM's engine core) sampled throughout.
+
+    python loadtests/run.py soak --artifacts artifacts/demo-Beauty --users 16 --duration 1h \
+        --sample 30s --out runs/soak
+
+The verdict is the least-squares slope of the summed RSS over the last half of the run, in MB per
+minute (the first half holds the warm-up growth of allocators and caches); each process gets its
+own slope too, so a leak names its process. Writes ``soak.json`` (every sample), ``soak.md`` and
+``soak.png`` under ``--out``. Exit status 1 when any request failed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Sample:
+    t_s: float  # seconds since the load started
+    rss_mb: dict[str, float]  # process label -> resident set size
+    requests: float  # the server's padrec_recommendations_total
+
+    @property
+    def total_mb(self) -> float:
+        return sum(self.rss_mb.values())
+
+
+@dataclass
+class SoakResult:
+    users: int
+    duration_s: float
+    requests: int
+    failures: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    slope_mb_per_min: float  # summed RSS, last half of the run
+    slope_by_process: dict[str, float] = field(default_factory=dict)
+    start_mb: float = 0.0
+    end_mb: float = 0.0
+    samples: list[dict] = field(default_factory=list)
+
+
+def process_tree_rss(pid: int) -> dict[str, float]:
+    """RSS in MB of ``pid`` and its live descendants, labelled ``server`` (``pid`` itself) and
+    by process name for the others (``name#2`` when a name repeats)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    out: dict[str, float] = {"server": root.memory_info().rss / MB}
+    for child in root.children(recursive=True):
+        try:
+            name, rss = child.name(), child.memory_info().rss / MB
+        except psutil.Error:  # gone between the listing and the read
+            continue
+        label, n = name, 1
+        while label in out:
+            n += 1
+            label = f"{name}#{n}"
+        out[label] = rss
+    return out
+
+
+def slope_per_min(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of ``(t_s, value)`` points, per minute; 0.0 for fewer than 2."""
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    mt = sum(t for t, _ in points) / n
+    mv = sum(v for _, v in points) / n
+    var = sum((t - mt) ** 2 for t, _ in points)
+    if var == 0:
+        return 0.0
+    return 60.0 * sum((t - mt) * (v - mv) for t, v in points) / var
+
+
+def last_half(samples: list[Sample]) -> list[Sample]:
+    """The samples taken in the second half of the run."""
+    if not samples:
+        return []
+    half = samples[-1].t_s / 2
+    return [s for s in samples if s.t_s >= half]
+
+
+def soak(url: str, pid: int, *, users: int, duration_s: float, sample_s: float, out: Path,
+         locust_args: list[str], progress=print) -> SoakResult:
+    """Run locust (``locust_args`` after the common options) against ``url`` for ``duration_s``
+    and sample the RSS of ``pid``'s process tree every ``sample_s`` seconds."""
+    from loadtests.run import LOCUSTFILE, read_locust_stats, scrape
+
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = out / f"soak-u{users}"
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+           "--users", str(users), "--spawn-rate", str(users), "--run-time", f"{duration_s:g}s",
+           "--host", url, "--csv", str(prefix), "--only-summary", "--stop-timeout", "10",
+           "--loglevel", "WARNING", *locust_args]
+    samples: list[Sample] = []
+
+    def take(t0: float) -> Sample:
+        counters = scrape(url) or {}
+        s = Sample(time.monotonic() - t0, process_tree_rss(pid),
+                   counters.get("padrec_recommendations_total", 0.0))
+        samples.append(s)
+        return s
+
+    with open(f"{prefix}.log", "w") as log:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        take(t0)
+        next_at = sample_s
+        while proc.poll() is None:
+            time.sleep(max(0.0, min(next_at - (time.monotonic() - t0), 1.0)))
+            if time.monotonic() - t0 >= next_at and proc.poll() is None:
+                s = take(t0)
+                progress(f"  {s.t_s / 60:6.1f} min  rss {s.total_mb:8.1f} MB  "
+                         f"requests {s.requests:9.0f}")
+                next_at += sample_s
+        take(t0)
+    stats_csv = Path(f"{prefix}_stats.csv")
+    if not stats_csv.is_file():
+        raise RuntimeError(f"locust exited {proc.returncode} without stats; see {prefix}.log")
+    stats = read_locust_stats(stats_csv)
+    tail = last_half(samples)
+    labels = sorted({label for s in samples for label in s.rss_mb})
+    return SoakResult(
+        users=users,
+        duration_s=duration_s,
+        requests=stats["requests"],
+        failures=stats["failures"],
+        rps=stats["rps"],
+        p50_ms=stats["p50_ms"],
+        p99_ms=stats["p99_ms"],
+        slope_mb_per_min=slope_per_min([(s.t_s, s.total_mb) for s in tail]),
+        slope_by_process={
+            label: slope_per_min([(s.t_s, s.rss_mb[label]) for s in tail if label in s.rss_mb])
+            for label in labels
+        },
+        start_mb=samples[0].total_mb,
+        end_mb=samples[-1].total_mb,
+        samples=[{**asdict(s), "total_mb": s.total_mb} for s in samples],
+    )
+
+
+def soak_markdown(r: SoakResult, command: str) -> str:
+    lines = [f"Command: `{command}`", "",
+             "| users | minutes | requests | failures | req/s | p50 ms | p99 ms | RSS start MB "
+             "| RSS end MB | slope, last half (MB/min) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+             f"| {r.users} | {r.duration_s / 60:.0f} | {r.requests} | {r.failures} | {r.rps:.1f} | "
+             f"{r.p50_ms:.0f} | {r.p99_ms:.0f} | {r.start_mb:.0f} | {r.end_mb:.0f} | "
+             f"{r.slope_mb_per_min:+.3f} |", "",
+             "Slope by process (last half, MB/min): "
+             + ", ".join(f"{k} {v:+.3f}" for k, v in r.slope_by_process.items())]
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: SoakResult, path: Path) -> None:
+    """RSS of each process and the sum against minutes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    t = [s["t_s"] / 60 for s in r.samples]
+    labels = sorted({k for s in r.samples for k in s["rss_mb"]})
+    for label in labels:
+        ax.plot(t, [s["rss_mb"].get(label, float("nan")) for s in r.samples], label=label)
+    ax.plot(t, [s["total_mb"] for s in r.samples], "k-", label="sum")
+    ax.set_xlabel("minutes under load")
+    ax.set_ylabel("RSS (MB)")
+    ax.set_title(f"soak: {r.users} users, last-half slope {r.slope_mb_per_min:+.3f} MB/min")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_reports(r: SoakResult, out: Path, command: str) -> str:
+    (out / "soak.json").write_text(json.dumps(asdict(r), indent=2))
+    table = soak_markdown(r, command)
+    (out / "soak.md").write_text(table)
+    plot(r, out / "soak.png")
+    return table
