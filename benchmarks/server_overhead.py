@@ -53,7 +53,7 @@ class NullEngine:
         catalog = Catalog.load(settings.artifacts)
         self.tokens = catalog.completion_ids(sorted(catalog.item_to_sid)[:3], finished=True)
 
-    async def start(self, warmup_prompts, max_new_tokens, calibrate=True, constraint=None):
+    async def start(self, warmup_prompts, max_new_tokens, constraint=None):
         return None
 
     async def generate(self, prompt, max_new_tokens, constraint=None):

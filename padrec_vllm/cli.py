@@ -183,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="write the result JSON here")
     bench.add_argument("--plot", default=None, help="write the acceptance plot (PNG) here")
     _add_constraint_args(bench, "lists (reference engine; ar, forced, chain and tree methods)")
+    bench.add_argument("--calibrate", action="store_true",
+                       help="instead: the server's start-up calibration (K per batch size) for "
+                            "--engine, printed and stored for the server to reuse")
+    bench.add_argument("--head", default="padrec", choices=HEAD_KINDS,
+                       help="head of --calibrate (default: padrec)")
+    bench.add_argument("--max-batch", type=positive_int, default=32,
+                       help="--calibrate: the engine's batch, as PADREC_MAX_BATCH_SIZE (32)")
+    bench.add_argument("--calibration-requests", type=positive_int, default=16,
+                       help="--calibrate: prompts per point, as PADREC_CALIBRATION_REQUESTS (16)")
     bench.set_defaults(run=_cmd_bench)
 
     for name, run in _registered_commands(sub).items():
@@ -275,8 +284,38 @@ def _cmd_train_heads(args) -> None:
     paths.write_build_info(info)
 
 
+def _cmd_calibrate(args) -> None:
+    import asyncio
+
+    from padrec_vllm.artifacts_check import check_artifacts
+    from padrec_vllm.bench.calibration import calibrate_offline
+
+    check_artifacts(Path(args.artifacts), heads=[args.head])
+    common = {"artifacts": Path(args.artifacts), "head": args.head,
+              "num_draft_tokens": args.draft_tokens, "max_batch_size": args.max_batch,
+              "device": args.device}
+    if args.engine == "vllm":
+        from padrec_vllm.engines import VllmEngineConfig
+        from padrec_vllm.vllm_plugin.async_engine import VllmEngine
+
+        engine = VllmEngine(VllmEngineConfig(**common))
+    else:
+        from padrec_vllm.engines import ReferenceEngine, ReferenceEngineConfig
+
+        engine = ReferenceEngine(ReferenceEngineConfig(**common))
+    constrained, _ = _constraint_flags(args)
+    result, path = asyncio.run(calibrate_offline(engine, requests=args.calibration_requests,
+                                                 constrained=constrained))
+    print(result.table())
+    print(f"schedule {result.schedule} (calibration {result.seconds:.0f} s), stored in {path}")
+
+
 def _cmd_bench(args) -> None:
     from padrec_vllm.bench import BenchConfig, format_table, write_outputs
+
+    if args.calibrate:
+        _cmd_calibrate(args)
+        return
 
     constrained, exclude_history = _constraint_flags(args)
     cfg = BenchConfig(artifacts=Path(args.artifacts), methods=tuple(args.methods),

@@ -33,6 +33,7 @@ from padrec_vllm.catalog.catalog import Catalog, ParsedList
 from padrec_vllm.catalog.constraint import ListSpec
 from padrec_vllm.catalog.tokens import SEP_ID
 from padrec_vllm.engines import RequestResult
+from padrec_vllm.engines.calibration import calibration_prompts
 from padrec_vllm.errors import UserError
 from padrec_vllm.presets import PRESETS
 from server.schemas import GenerationInfo, HistoryInfo, Item, RecommendRequest
@@ -174,14 +175,7 @@ class Recommender:
 
     def warmup_prompts(self, n: int, seed: int = 0) -> list[list[int]]:
         """``n`` prompts of ``max_history`` catalog items drawn at random (fixed seed)."""
-        import random
-
-        rng = random.Random(seed)
-        items = sorted(self.catalog.item_to_sid)
-        size = min(self.max_history, len(items))
-        return [
-            self.catalog.prompt_ids(rng.sample(items, size), self.max_history) for _ in range(n)
-        ]
+        return calibration_prompts(self.catalog, n, self.max_history, seed)
 
     def list_tokens(self, k: int) -> int:
         """Tokens of a whole list: ``k`` items (without the constraint ``k + extra_items``, room

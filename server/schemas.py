@@ -137,8 +137,9 @@ class ScheduleInfo(BaseModel):
         description="[first, last, K] per batch-size range, last null = no end"
     )
     source: str = Field(
-        description="setting (an explicit schedule) or default (auto: the engine's default, "
-        "until start-up calibration is built)"
+        description="setting (an explicit schedule), calibrated (auto: measured at this "
+        "start), stored (auto: an earlier start's calibration with the same settings) or "
+        "default (auto without calibration: the engine's default)"
     )
 
 
@@ -154,7 +155,10 @@ class Readiness(BaseModel):
         description="lists are decoded under the catalog constraint (PADREC_CONSTRAINED)"
     )
     error: str | None = None
-    calibration: dict | None = Field(None, description="start-up speedup calibration")
+    calibration: dict | None = Field(
+        None, description="start-up calibration: schedule, speedup where it drafts, tau, "
+        "identical rate, requests/s by batch size and K"
+    )
     spec_schedule: ScheduleInfo | None = Field(
         None, description="the draft-length schedule in use (null until the engine is ready)"
     )

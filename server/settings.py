@@ -16,7 +16,7 @@ from padrec_vllm.engines.schedule import SpecSchedule
 from padrec_vllm.model.config import HEAD_KINDS, MAX_DRAFT_TOKENS
 
 MIB = 1 << 20
-AUTO = "auto"  # PADREC_SPEC_SCHEDULE: the engine's default schedule until calibration picks one
+AUTO = "auto"  # PADREC_SPEC_SCHEDULE: start-up calibration picks K per batch size
 
 
 class Settings(BaseSettings):
@@ -51,7 +51,18 @@ class Settings(BaseSettings):
     )
     retry_after_s: int = Field(1, ge=1, description="Retry-After of a 503")
     calibration_requests: int = Field(
-        16, ge=0, description="prompts of the start-up speedup calibration (0: off)"
+        16, ge=0, description="prompts per start-up calibration point (each batch size and K; "
+        "at least 2 per client); 0: no calibration, auto then means the engine's default"
+    )
+    calibration_max_batch: int | None = Field(
+        None, ge=1, description="largest batch size calibrated (1, 2, 4, ... up to it); "
+        "default: max_batch_size"
+    )
+    recalibrate: bool = Field(
+        False, description="measure at start-up even when a stored calibration matches"
+    )
+    calibration_dir: Path | None = Field(
+        None, description="where calibrations are stored; default <artifacts>/calibration"
     )
     data_dir: Path | None = Field(None, description="datasets folder, for the popularity fallback")
     host: str = "127.0.0.1"
@@ -65,8 +76,8 @@ class Settings(BaseSettings):
     )
     spec_schedule: str = Field(
         "auto", description="draft length K by batch size, both engines: auto, off, K, or "
-        "ranges A-B:K (K=0: plain), e.g. 1:4,2-:0. auto is, until start-up calibration is "
-        "built, the engine default: reference on CPU 1:K,2-:0, otherwise K at every batch size"
+        "ranges A-B:K (K=0: plain), e.g. 1:4,2-:0. auto: the fastest K per batch size, "
+        "measured at start-up (or stored from an earlier start with the same settings)"
     )
     spec_max_batch: int | None = Field(
         None, description="removed: refused with a pointer to PADREC_SPEC_SCHEDULE", exclude=True
@@ -116,6 +127,9 @@ class Settings(BaseSettings):
                 f"spec_schedule={self.spec_schedule} drafts, but speculative=false loads no head"
             )
         return self
+
+    def calibration_folder(self) -> Path:
+        return self.calibration_dir or Path(self.artifacts) / "calibration"
 
     def schedule(self) -> SpecSchedule | None:
         """The explicit draft-length schedule; None for ``auto`` (the engine's default)."""

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from padrec_vllm.engines import Calibration, Engine, EngineError, RequestResult
+from server.calibrating import prompts_for, start_up_calibration
 from server.checks import check
 from server.metrics import ServerMetrics
 from server.recommender import Plan, Recommender
@@ -55,6 +56,7 @@ class ServerState:
     status: str = "starting"
     error: str | None = None
     calibration: Calibration | None = None
+    schedule_source: str = "default"  # setting | default | calibrated | stored
     in_flight: int = 0
     task: asyncio.Task | None = field(default=None, repr=False)
 
@@ -78,27 +80,30 @@ class ServerState:
 
     async def start_engine(self) -> None:
         """Build, warm up and calibrate the engine (lists of ``DEFAULT_K`` items, under the
-        constraint when it is on); any failure leaves the state ``failed``."""
+        constraint when it is on; ``server.calibrating``); any failure leaves the state
+        ``failed``."""
         rec, s = self.recommender, self.settings
         try:
             self.engine = self.engine_factory(s)
-            prompts = rec.warmup_prompts(max(s.calibration_requests, 2))
+            prompts = rec.warmup_prompts(max(prompts_for(s), 2))
             budget = rec.budget(DEFAULT_K, len(prompts[0]))
-            self.calibration = await self.engine.start(
-                prompts,
-                budget,
-                calibrate=s.calibration_requests > 0,
-                constraint=rec.list_spec(DEFAULT_K),
-            )
+            constraint = rec.list_spec(DEFAULT_K)
+            await self.engine.start(prompts[:2], budget, constraint=constraint)
             rec.max_model_len = min(rec.max_model_len or 1 << 30, self.engine.max_model_len)
+            self.calibration, self.schedule_source = await start_up_calibration(
+                s, self.engine, prompts, budget, constraint
+            )
             if self.calibration is not None:
                 self.metrics.set_calibration(self.calibration)
                 log.info(
-                    "calibration: speedup %.2fx, tau %.2f, identical %.0f%% (%d requests)",
+                    "calibration: schedule %s, speedup %.2fx where it drafts, tau %.2f, "
+                    "identical %.0f%% (%d requests, %.0f s)",
+                    self.calibration.schedule,
                     self.calibration.speedup,
                     self.calibration.tau,
                     100 * self.calibration.identical_rate,
                     self.calibration.requests,
+                    self.calibration.seconds,
                 )
             self.metrics.set_schedule(self.engine.schedule)
             self.status = "ready"
@@ -107,7 +112,7 @@ class ServerState:
                 self.engine.name,
                 self.engine.config.head,
                 self.engine.schedule,
-                "set" if s.schedule() is not None else "auto: the engine's default",
+                self.schedule_source,
                 "catalog constraint on" if rec.constrained else "free decoding (no constraint)",
             )
         except asyncio.CancelledError:
@@ -194,17 +199,7 @@ class ServerState:
     def readiness(self) -> Readiness:
         """The body of ``/readyz``."""
         rec, engine, c = self.recommender, self.engine, self.calibration
-        calib = None
-        if c is not None:
-            calib = {
-                "speedup": c.speedup,
-                "requests": c.requests,
-                "plain_s": c.plain_s,
-                "speculative_s": c.speculative_s,
-                "identical_rate": c.identical_rate,
-                "tau": c.tau,
-                "batch_rows": c.batch_rows,
-            }
+        calib = c.summary() if c is not None else None
         ready = engine is not None and self.status == "ready"
         schedule = None
         if ready:
@@ -212,7 +207,7 @@ class ServerState:
                 setting=self.settings.spec_schedule,
                 schedule=str(engine.schedule),
                 ranges=engine.schedule.as_list(),
-                source="default" if self.settings.schedule() is None else "setting",
+                source=self.schedule_source,
             )
         return Readiness(
             ready=self.status == "ready",

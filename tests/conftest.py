@@ -70,16 +70,21 @@ def tiny_artifacts(synth_data_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def settings(tiny_artifacts, synth_data_dir):
-    """Server settings over the tiny build: reference engine, 8 calibration requests, at most 8
-    in flight and 4 requests per batch."""
+def settings(tiny_artifacts, synth_data_dir, tmp_path_factory):
+    """Server settings over the tiny build: reference engine, the schedule ``1:3,2-:0`` (fixed,
+    so that tests know when requests speculate; auto's choice is tested apart), calibrated
+    against K = 0 with 8 requests per point at batch sizes 1, 2 and 4, at most 8 in flight and 4
+    requests per batch."""
     from server.settings import Settings
 
     return Settings(
         artifacts=tiny_artifacts,
         engine="reference",
         data_dir=synth_data_dir,
+        spec_schedule="1:3,2-:0",
         calibration_requests=8,
+        calibration_max_batch=4,
+        calibration_dir=tmp_path_factory.mktemp("calibration"),
         max_in_flight=8,
         max_batch_requests=4,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -256,3 +257,29 @@ def test_bench_cli_errors(tiny_artifacts, capsys):
     assert main([*bench, "--unconstrained", "--exclude-history"]) == 2
     assert "--exclude-history needs the constraint" in capsys.readouterr().err
     assert main(["train-heads", "--artifacts", str(tiny_artifacts), "--heads", "foo"]) == 2
+
+
+def test_bench_calibrate_stores_what_the_server_reuses(tiny_artifacts, synth_data_dir, capsys):
+    """``padrec bench --calibrate``: the server's start-up calibration offline (reference engine,
+    batch sizes 1 and 2, every K), printed and stored under the key a server with the same
+    settings computes, so that server starts on the stored schedule without measuring."""
+    from fastapi.testclient import TestClient
+
+    from server import Settings, create_app
+
+    args = ["bench", "--calibrate", "--artifacts", str(tiny_artifacts), "--max-batch", "2",
+            "--calibration-requests", "2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| batch size | K=0 req/s | K=1 req/s | K=2 req/s | K=3 req/s |" in out
+    assert "stored in" in out
+    schedule = out.split("schedule ")[-1].split(" ")[0]
+    settings = Settings(artifacts=tiny_artifacts, engine="reference", max_batch_size=2,
+                        calibration_requests=2, data_dir=synth_data_dir)
+    with TestClient(create_app(settings)) as c:
+        deadline = time.monotonic() + 300
+        while (ready := c.get("/readyz").json())["status"] == "starting":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    assert ready["spec_schedule"]["source"] == "stored"
+    assert ready["spec_schedule"]["schedule"] == schedule == ready["calibration"]["schedule"]

@@ -145,9 +145,13 @@ def test_health_and_readiness(client):
     assert ready["ready"] and ready["engine"] == "reference" and ready["head"] == "padrec"
     assert ready["num_draft_tokens"] == 3 and ready["model"] == "Synth/tiny"
     assert ready["fallback"] == "most popular (popularity.json)"  # written by padrec build
-    calib = ready["calibration"]
-    assert calib["requests"] == 8 and calib["identical_rate"] == 1.0 and calib["speedup"] > 0
-    assert calib["batch_rows"] == 1  # CPU: speculation is calibrated one row at a time
+    calib = ready["calibration"]  # the schedule 1:3,2-:0 against K = 0 at batch sizes 1, 2, 4
+    assert not calib["chosen"] and calib["identical_rate"] == 1.0 and calib["speedup"] > 0
+    assert [b["batch_size"] for b in calib["by_batch_size"]] == [1, 2, 4]
+    assert [sorted(b["requests_per_s"]) for b in calib["by_batch_size"]] == [["0", "3"], ["0"],
+                                                                            ["0"]]
+    assert calib["schedule"] == ready["spec_schedule"]["schedule"] == "1:3,2-:0"
+    assert ready["spec_schedule"]["source"] == "setting"
 
 
 @pytest.mark.parametrize("k", [1, 4, 10, 50])

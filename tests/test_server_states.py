@@ -48,16 +48,20 @@ class FakeEngine:
         self.constraints = []
 
     num_draft_tokens = 0
+    max_draft_tokens = 0
     schedule = SpecSchedule.off()
     max_model_len = 256
 
-    async def start(self, warmup_prompts, max_new_tokens, calibrate=True, constraint=None):
+    async def start(self, warmup_prompts, max_new_tokens, constraint=None):
         self.started = (max_new_tokens, constraint)
         if self.gate is not None:
             while not self.gate.is_set():
                 await asyncio.sleep(0.01)
         if self.fail_start:
             raise EngineError("weights are corrupt")
+
+    async def set_schedule(self, schedule):
+        self.schedule = schedule
 
     async def generate(self, prompt, max_new_tokens, constraint=None):
         self.constraints.append(constraint)
@@ -189,7 +193,7 @@ def test_int8_drafting_serves_the_greedy_lists(tiny_artifacts, catalog):
 
     async def lists(**kw):
         engine = build_engine(Settings(artifacts=tiny_artifacts, engine="reference", **kw))
-        await engine.start(prompts, 20, calibrate=False)
+        await engine.start(prompts, 20)
         try:
             return [(await engine.generate(p, 20)).tokens for p in prompts]
         finally:
@@ -202,39 +206,77 @@ def test_int8_drafting_serves_the_greedy_lists(tiny_artifacts, catalog):
 
 
 def test_default_schedule_speculates_on_one_row_batches(tiny_artifacts, catalog):
-    """PADREC_SPEC_SCHEDULE=auto on CPU (reference): ``1:K,2-:0``. Four requests arriving
-    together are decoded as one plain batch; alone, each is speculated with K. The lists are plain
-    greedy decoding in every case."""
+    """The reference engine's default on CPU (auto without calibration): ``1:K,2-:0``. Four
+    requests arriving together are decoded as one plain batch; alone, each is speculated with K.
+    The lists are plain greedy decoding in every case."""
     from server.engines import build_engine
 
     prompts = [catalog.prompt_ids(h, 5) for h in ([1, 2, 3], [4, 5], [6, 7, 8, 9], [2, 9])]
 
     async def run(**kw):
         engine = build_engine(Settings(artifacts=tiny_artifacts, engine="reference", **kw))
-        calib = await engine.start(prompts, 20, calibrate=True)
+        await engine.start(prompts[:2], 20)
         try:
             together = await asyncio.gather(*(engine.generate(p, 20) for p in prompts))
             alone = [await engine.generate(p, 20) for p in prompts]
         finally:
             await engine.close()
-        return calib, together, alone, engine.schedule
+        return together, alone, engine.schedule
 
-    calib, together, alone, schedule = asyncio.run(run())
-    plain = [g.tokens for g in asyncio.run(run(speculative=False))[1]]
+    together, alone, schedule = asyncio.run(run())
+    plain = [g.tokens for g in asyncio.run(run(speculative=False))[0]]
     assert str(schedule) == "1:3,2-:0"
-    assert calib.batch_rows == 1 and calib.identical_rate == 1.0
     assert [g.tokens for g in together] == [g.tokens for g in alone] == plain
     assert not any(g.speculative or g.draft_tokens or g.num_draft_tokens for g in together)
     assert all(g.target_forwards == g.decode_tokens for g in together)  # one token per forward
     assert all(g.speculative and g.draft_tokens > 0 and g.num_draft_tokens == 3 for g in alone)
 
-    calib, together, _, schedule = asyncio.run(run(spec_schedule="1-4:2,5-:0"))
-    assert str(schedule) == "1-4:2,5-:0" and calib.batch_rows == 4 and calib.identical_rate == 1.0
-    assert [g.tokens for g in together] == plain
+    together, _, schedule = asyncio.run(run(spec_schedule="1-4:2,5-:0"))
+    assert str(schedule) == "1-4:2,5-:0" and [g.tokens for g in together] == plain
     assert all(g.speculative and g.num_draft_tokens == 2 and g.draft_tokens > 0 for g in together)
 
-    _, together, _, schedule = asyncio.run(run(spec_schedule="off"))
+    _, together, schedule = asyncio.run(run(spec_schedule="off"))
     assert str(schedule) == "off" and [g.tokens for g in together] == plain
+
+
+def test_calibration_measures_every_k_and_stays_lossless(tiny_artifacts, catalog):
+    """``engines.calibrate`` on the reference engine (tiny build): auto measures K = 0..3 at
+    batch sizes 1, 2, 4 (the fastest K and K = 0 twice), every point's lists equal K = 0's, and
+    the engine is left on the chosen schedule; an explicit schedule is measured against K = 0
+    only and kept. ``set_schedule`` refuses more drafts than the head's."""
+    from padrec_vllm.engines import EngineError, SpecSchedule, calibrate
+    from server.engines import build_engine
+
+    histories = [[1 + i % 9, 2 + i % 7, 3 + i % 5] for i in range(8)]
+    prompts = [catalog.prompt_ids(h, 5) for h in histories]
+
+    async def run(schedule):
+        engine = build_engine(Settings(artifacts=tiny_artifacts, engine="reference"))
+        await engine.start(prompts[:2], 20)
+        try:
+            with pytest.raises(EngineError, match="drafts 4 tokens"):
+                await engine.set_schedule(SpecSchedule.fixed(4))
+            c = await calibrate(engine, prompts, 20, max_k=engine.max_draft_tokens,
+                                schedule=schedule, requests=4, max_batch=4)
+            return c, engine.schedule
+        finally:
+            await engine.close()
+
+    auto, in_use = asyncio.run(run(None))
+    assert auto.chosen and auto.identical_rate == 1.0 and str(in_use) == str(auto.schedule)
+    assert auto.batch_sizes == [1, 2, 4]
+    for b in (1, 2, 4):
+        ks = {p.k for p in auto.points if p.batch_size == b}
+        assert ks == {0, 1, 2, 3}
+        plain = auto.point(b, 0)
+        assert plain.requests == 2 * max(4, 2 * b)  # measured twice
+        assert plain.tau == 1.0  # K = 0: one token per forward (forced tokens skipped)
+    assert all(p.tau > 1.0 for p in auto.points if p.k > 0)
+    fixed, in_use = asyncio.run(run(SpecSchedule.parse("1:3,2-:1")))
+    assert not fixed.chosen and str(in_use) == "1:3,2-:1" == str(fixed.schedule)
+    assert {(p.batch_size, p.k) for p in fixed.points} == {(1, 0), (1, 3), (2, 0), (2, 1),
+                                                          (4, 0), (4, 1)}
+    assert fixed.identical_rate == 1.0
 
 
 @pytest.mark.parametrize("constrained", [False, True])
@@ -253,7 +295,7 @@ def test_schedule_is_lossless_across_batch_sizes(tiny_artifacts, catalog, constr
 
     async def run(**kw):
         engine = build_engine(Settings(artifacts=tiny_artifacts, engine="reference", **kw))
-        await engine.start(prompts[:2], budget, calibrate=False)
+        await engine.start(prompts[:2], budget)
         try:
             tasks = []
             for group in groups:  # each group is queued once the worker took the one before
@@ -325,7 +367,7 @@ def test_server_reports_the_schedule(settings):
             "setting": "1:2,2-:0", "schedule": "1:2,2-:0", "ranges": [[1, 1, 2], [2, None, 0]],
             "source": "setting",
         }
-        assert ready["num_draft_tokens"] == 2 and ready["calibration"]["batch_rows"] == 1
+        assert ready["num_draft_tokens"] == 2 and ready["calibration"]["schedule"] == "1:2,2-:0"
         alone = c.post("/recommend", json={"history": [1, 2, 3]}).json()
         assert alone["spec"]["speculative"] and alone["spec"]["num_draft_tokens"] == 2
         assert len(alone["spec"]["acceptance_by_position"]) == 2
@@ -339,7 +381,34 @@ def test_server_reports_the_schedule(settings):
         assert 'padrec_decoded_requests_total{mode="plain"} 3.0' in text
         assert 'padrec_decoded_requests_total{mode="speculative"} 1.0' in text
         assert 'padrec_decoded_requests_by_k_total{k="2"} 1.0' in text
-    with TestClient(create_app(settings)) as c:  # auto: the engine's default, said so
+    auto = settings.model_copy(update={"spec_schedule": "auto", "calibration_requests": 0})
+    with TestClient(create_app(auto)) as c:  # auto without calibration: the engine's default
         schedule = wait_ready(c)["spec_schedule"]
         assert schedule["setting"] == "auto" and schedule["source"] == "default"
         assert schedule["schedule"] == "1:3,2-:0"
+
+
+def test_auto_schedule_is_calibrated_stored_and_reused(settings, tmp_path):
+    """PADREC_SPEC_SCHEDULE=auto: the first start measures and stores the calibration under
+    PADREC_CALIBRATION_DIR, a restart with the same settings reuses it, PADREC_RECALIBRATE=true
+    measures again, and other settings (a smaller engine batch) are another key."""
+    s = settings.model_copy(update={"spec_schedule": "auto", "calibration_requests": 2,
+                                    "calibration_max_batch": 2, "calibration_dir": tmp_path})
+
+    def start(**update):
+        with TestClient(create_app(s.model_copy(update=update))) as c:
+            ready = wait_ready(c)
+            assert c.post("/recommend", json={"history": [1, 2, 3]}).status_code == 200
+            return ready
+
+    first = start()
+    assert first["spec_schedule"]["source"] == "calibrated" and first["calibration"]["chosen"]
+    assert first["spec_schedule"]["schedule"] == first["calibration"]["schedule"]
+    stored = list(tmp_path.glob("reference-*.json"))
+    assert len(stored) == 1
+    again = start()
+    assert again["spec_schedule"]["source"] == "stored"
+    assert again["calibration"] == first["calibration"]
+    assert start(recalibrate=True)["spec_schedule"]["source"] == "calibrated"
+    assert start(max_batch_size=2)["spec_schedule"]["source"] == "calibrated"
+    assert len(list(tmp_path.glob("reference-*.json"))) == 2

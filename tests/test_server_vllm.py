@@ -1,7 +1,8 @@
 """The HTTP server on the tiny build with the vLLM engine and the padrec head, decoding under the
 catalog constraint (the default).
 
-One app per module: two engine starts (the plain calibration engine, then the speculative one).
+One app per module: one engine start (schedule K = 3), calibrated against K = 0 at batch sizes 1
+and 2.
 Engine-independent edge cases are covered more widely in test_server.py; the same bad-input
 table runs here against the vLLM app."""
 
@@ -30,6 +31,8 @@ def client(tiny_artifacts, synth_data_dir):
         head="padrec",
         data_dir=synth_data_dir,
         calibration_requests=4,
+        calibration_max_batch=2,
+        spec_schedule="3",
         max_batch_size=8,
         vllm_enforce_eager=True,
         vllm_kv_cache_gib=1,
@@ -58,9 +61,11 @@ def test_ready_with_a_lossless_calibration(client):
     assert (
         ready["engine"] == "vllm" and ready["head"] == "padrec" and ready["num_draft_tokens"] == 3
     )
-    calib = ready["calibration"]
-    assert calib["requests"] == 4 and calib["identical_rate"] == 1.0
-    assert calib["batch_rows"] == 4  # vLLM gets every calibration prompt at once
+    calib = ready["calibration"]  # K = 3 against K = 0 at batch sizes 1 and 2, one engine
+    assert not calib["chosen"] and calib["identical_rate"] == 1.0
+    assert [sorted(b["requests_per_s"]) for b in calib["by_batch_size"]] == [["0", "3"]] * 2
+    assert calib["schedule"] == ready["spec_schedule"]["schedule"] == "3"
+    assert ready["spec_schedule"]["source"] == "setting"
     assert calib["speedup"] > 0 and calib["tau"] >= 1.0
     assert client.get("/healthz").json() == {"status": "ok"}
 

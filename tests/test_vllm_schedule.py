@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pytest
 
@@ -32,10 +32,11 @@ from padrec_vllm.catalog.catalog import Catalog
 from padrec_vllm.catalog.constraint import CatalogTrie, ListSpec
 from padrec_vllm.catalog.tokens import EOS_ID
 from padrec_vllm.decoding import generate
-from padrec_vllm.engines import SpecSchedule, VllmEngineConfig
+from padrec_vllm.engines import EngineError, SpecSchedule, VllmEngineConfig, calibrate
 from padrec_vllm.model.target import load_target
 
 PROMPTS = 8
+CALIBRATION: list = []  # the calibration the ``phases`` engine ran
 vllm_artifacts = e2e.vllm_artifacts  # the tiny build (a module fixture)
 workload = e2e.workload  # its prompts, head directories, budget and K (a module fixture)
 
@@ -84,7 +85,7 @@ def phases(workload, vllm_artifacts, spec) -> dict[str, Phase]:
 
     async def main() -> dict[str, Phase]:
         engine = VllmEngine(config)
-        await engine.start([], workload.limit, calibrate=False)
+        await engine.start([], workload.limit)
         out: dict[str, Phase] = {}
         try:
             assert str(engine.schedule) == str(descending(k)) and engine.num_draft_tokens == k
@@ -109,17 +110,26 @@ def phases(workload, vllm_artifacts, spec) -> dict[str, Phase]:
             await phase("staggered", prompts, stagger_s=stagger)
             await phase("constrained alone", prompts[:1], spec)
             await phase("constrained staggered", prompts, spec, stagger_s=stagger)
-        finally:
-            await engine.close()
-        # the issue's form, vLLM's JSON: one request alone drafts, eight at once do not
-        engine = VllmEngine(replace(config, spec_schedule=SpecSchedule.parse(
-            f"[[1, 1, {k}], [2, 64, 0]]")))
-        await engine.start([], workload.limit, calibrate=False)
-        try:
-            assert str(engine.schedule) == f"1:{k},2-:0"
-            await engine._engine.collective_rpc(e2e._install_recorder)
+            # switched on the running engine (schedule_switch): the issue's form, vLLM's JSON,
+            # then off and K=1 at every batch size, then back
+            await engine.set_schedule(SpecSchedule.parse(f"[[1, 1, {k}], [2, 64, 0]]"))
+            assert str(engine.schedule) == f"1:{k},2-:0" and engine.num_draft_tokens == k
             await phase("1:K,2-:0 alone", prompts[:1])
             await phase("1:K,2-:0 at once 8", prompts)
+            await engine.set_schedule(SpecSchedule.off())
+            assert engine.num_draft_tokens == 0
+            await phase("switched off alone", prompts[:1])
+            await phase("switched off constrained", prompts[:2], spec)
+            await engine.set_schedule(SpecSchedule.fixed(1))
+            await phase("switched to 1 alone", prompts[:1])
+            with pytest.raises(EngineError, match="drafts"):
+                await engine.set_schedule(SpecSchedule.fixed(k + 1))
+            await engine.set_schedule(descending(k))
+            await phase("switched back alone", prompts[:1])
+            # start-up calibration on this engine: every K at batch sizes 1 and 2
+            CALIBRATION.append(await calibrate(engine, prompts, workload.limit, constraint=spec,
+                                               max_k=k, requests=2, max_batch=2))
+            await phase("calibrated alone", prompts[:1], spec)
         finally:
             await engine.close()
         return out
@@ -181,6 +191,34 @@ def test_one_alone_drafts_eight_at_once_do_not(phases, workload):
     crowded = phases["1:K,2-:0 at once 8"].results
     assert sum(r.num_draft_tokens > 0 for r in crowded) <= 1
     assert sum(r.draft_tokens for r in crowded) <= workload.num_draft_tokens
+
+
+def test_switching_the_schedule_of_a_running_engine(phases, workload):
+    """``set_schedule`` on the running engine: off -> no drafts at all; K = 1 -> one draft per
+    round; back to the descending schedule -> K alone again."""
+    k = workload.num_draft_tokens
+    for name in ("switched off alone", "switched off constrained"):
+        assert phases[name].steps == [1] * len(phases[name].steps), name  # no draft proposed
+        assert all(not r.speculative and r.draft_tokens == 0 for r in phases[name].results), name
+    (one,) = phases["switched to 1 alone"].results
+    assert one.num_draft_tokens == 1 and one.draft_tokens > 0 and one.plain_forwards == 0
+    assert {len(r) for r in runs_of(phases["switched to 1 alone"].steps)} == {1}
+    (back,) = phases["switched back alone"].results
+    assert back.num_draft_tokens == k and back.plain_forwards == 0
+
+
+def test_calibration_in_one_vllm_engine(phases, workload):
+    """``engines.calibrate`` on the running vLLM engine: every K at batch sizes 1 and 2, lists
+    identical to K = 0's, and the engine left on the chosen schedule (its K alone)."""
+    (c,) = CALIBRATION
+    k = workload.num_draft_tokens
+    assert c.chosen and c.identical_rate == 1.0 and c.batch_sizes == [1, 2]
+    assert {(p.batch_size, p.k) for p in c.points} == {(b, j) for b in (1, 2)
+                                                       for j in range(k + 1)}
+    assert all(p.tau > 1.0 for p in c.points if p.k > 0)
+    assert all(p.tau == 1.0 for p in c.points if p.k == 0)
+    (alone,) = phases["calibrated alone"].results
+    assert alone.num_draft_tokens == c.schedule.k_for(1)
 
 
 def test_requests_cross_range_boundaries_mid_generation(phases, workload):

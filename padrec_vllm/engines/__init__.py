@@ -6,7 +6,7 @@
 
 from padrec_vllm.decoding.accounting import RequestResult
 from padrec_vllm.engines.api import Engine, EngineError
-from padrec_vllm.engines.calibration import Calibration, calibration_of
+from padrec_vllm.engines.calibration import Calibration, calibrate
 from padrec_vllm.engines.config import EngineConfig, ReferenceEngineConfig, VllmEngineConfig
 from padrec_vllm.engines.reference import ReferenceEngine
 from padrec_vllm.engines.schedule import SpecRange, SpecSchedule
@@ -22,5 +22,5 @@ __all__ = [
     "SpecRange",
     "SpecSchedule",
     "VllmEngineConfig",
-    "calibration_of",
+    "calibrate",
 ]

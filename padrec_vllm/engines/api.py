@@ -7,15 +7,15 @@ knows nothing about HTTP or how items are ranked and shown.
 Implementations: ``padrec_vllm.engines.reference.ReferenceEngine`` (plain PyTorch) and
 ``padrec_vllm.vllm_plugin.async_engine.VllmEngine`` (vLLM; import it only where vLLM is installed).
 
-Lifecycle: ``await start(warmup_prompts, max_new_tokens, calibrate)`` loads the model, warms it
-up on the prompts and, when speculating and asked to, *calibrates*: decodes the same prompts
-without speculation and with it, same engine code, same machine, one after the other, and returns
-the wall-clock ratio (``padrec_vllm.engines.calibration.Calibration``). Then ``generate`` any
-number of times, concurrently; ``close`` at the end. Engine failures raise ``EngineError``.
+Lifecycle: ``await start(warmup_prompts, max_new_tokens, constraint)`` loads the model and warms
+it up on the prompts. Then ``generate`` any number of times, concurrently; ``close`` at the end.
+Engine failures raise ``EngineError``.
 
 Speculation follows the engine's draft-length schedule (``schedule``: K by batch size, 0 =
 plain); each ``RequestResult`` says the K its request ran with (``RequestResult.num_draft_tokens``,
-see each engine for how exact that is).
+see each engine for how exact that is). ``set_schedule`` changes it on a running engine (K up to
+``max_draft_tokens``); requests in flight keep their tokens, since every K gives the same ones.
+Start-up calibration (``engines.calibration``) measures each K through it and picks the schedule.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from typing import Protocol
 
 from padrec_vllm.catalog.constraint import ListSpec
 from padrec_vllm.decoding.accounting import RequestResult
-from padrec_vllm.engines.calibration import Calibration
 from padrec_vllm.engines.config import EngineConfig
 from padrec_vllm.engines.schedule import SpecSchedule
 
@@ -50,15 +49,21 @@ class Engine(Protocol):
     def max_model_len(self) -> int:
         """Longest prompt + completion the engine accepts, in tokens."""
 
+    @property
+    def max_draft_tokens(self) -> int:
+        """The largest K ``set_schedule`` accepts: the loaded head's; 0 without a head."""
+
     async def start(
         self,
         warmup_prompts: list[list[int]],
         max_new_tokens: int,
-        calibrate: bool = True,
         constraint: ListSpec | None = None,
-    ) -> Calibration | None:
-        """Load, warm up on ``warmup_prompts``; with ``calibrate`` and a head, calibrate on them.
-        Warm-up and calibration decode every prompt under ``constraint`` when given."""
+    ) -> None:
+        """Load, then warm up on ``warmup_prompts`` (under ``constraint`` when given)."""
+
+    async def set_schedule(self, schedule: SpecSchedule) -> None:
+        """Decode by ``schedule`` from now on (clipped to the engine's batch); EngineError when
+        it drafts more than ``max_draft_tokens``."""
 
     async def generate(
         self, prompt: list[int], max_new_tokens: int, constraint: ListSpec | None = None

@@ -8,13 +8,13 @@ n rows decodes with K = ``schedule.k_for(n)`` drafts per round (``config.schedul
 ``speculative=False``); the tokens are the same either way. A batch keeps its K until its last row
 is done: rows that finish early do not change it, requests that arrive meanwhile wait for the next
 batch. Each result's ``accept_by_pos`` has the batch's K entries (0 when plain).
-Calibration decodes its prompts in batches of the largest size that speculates, at that size's K,
-plain and speculative alike, so the figure is what a speculated request gains.
+``set_schedule`` replaces the schedule (K up to the head's) from the next batch on; start-up
+calibration (``engines.calibration``) uses it to measure each K.
 
 Constrained requests (a ``ListSpec``) decode together, apart from free ones. Without the head
 they skip forced tokens (``generate(..., skip_forced=True)``: same tokens, fewer forwards), so
-plain decoding here is already the ``forced`` method and the calibration's speedup is the head's
-own gain over it.
+plain decoding here is already the ``forced`` method and a calibrated speedup is the head's own
+gain over it.
 
 The head is loaded once and turned once into its decoding form (``model.decoding_head``: the CPU
 fold, or its int8 copy with ``draft_int8``), which the engine keeps for its lifetime.
@@ -32,7 +32,6 @@ from padrec_vllm.catalog.constraint import CatalogTrie, ListConstraint, ListSpec
 from padrec_vllm.catalog.tokens import EOS_ID, TokenLayout
 from padrec_vllm.decoding.accounting import RequestResult
 from padrec_vllm.engines.api import EngineError
-from padrec_vllm.engines.calibration import Calibration, calibration_of
 from padrec_vllm.engines.config import ReferenceEngineConfig
 from padrec_vllm.engines.schedule import SpecSchedule
 
@@ -62,6 +61,7 @@ class ReferenceEngine:
         self._slots: list[int] | None = None
         self._trie: CatalogTrie | None = None  # the catalog's, for constrained requests
         self._num_drafts = 0
+        self._max_drafts = 0  # the most K ``set_schedule`` takes (the head's; 0 without it)
         self._pending: deque[_Pending] = deque()
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -79,36 +79,38 @@ class ReferenceEngine:
     def max_model_len(self) -> int:
         return int(self._target.config.max_position_embeddings)
 
+    @property
+    def max_draft_tokens(self) -> int:
+        return self._max_drafts
+
     async def start(
         self,
         warmup_prompts: list[list[int]],
         max_new_tokens: int,
-        calibrate: bool = True,
         constraint: ListSpec | None = None,
-    ) -> Calibration | None:
+    ) -> None:
         await asyncio.to_thread(self._load)
         self._wakeup = asyncio.Event()
         self._worker = asyncio.create_task(self._run(), name="padrec-reference-engine")
         if not warmup_prompts:
-            return None
-        # the largest batch that speculates, at its K (calibration's seam: see the docstring)
+            return
+        # warm-up: the largest batch that speculates, at its K, then plain
         rows = self._schedule.largest_batch_speculating(self.config.max_batch_size)
         k = self._schedule.k_for(rows) if rows else 0
         specs = None if constraint is None else [constraint] * len(warmup_prompts)
+        for drafts in sorted({k, 0}, reverse=True):
+            await asyncio.to_thread(
+                self._decode, warmup_prompts, max_new_tokens, drafts, rows or None, specs
+            )
 
-        def run(prompts: list[list[int]], drafts: int) -> list[RequestResult]:
-            some = specs[: len(prompts)] if specs else None
-            return self._decode(prompts, max_new_tokens, drafts, rows or None, some)
-
-        await asyncio.to_thread(run, warmup_prompts[:2], k)
-        if self._head is None or not k or not calibrate:
-            return None
-        t0 = time.perf_counter()
-        plain = await asyncio.to_thread(run, warmup_prompts, 0)
-        t1 = time.perf_counter()
-        spec = await asyncio.to_thread(run, warmup_prompts, k)
-        t2 = time.perf_counter()
-        return calibration_of(plain, spec, t1 - t0, t2 - t1, min(rows, len(warmup_prompts)))
+    async def set_schedule(self, schedule: SpecSchedule) -> None:
+        if schedule.max_k > self._max_drafts:
+            raise EngineError(
+                f"schedule {schedule} drafts {schedule.max_k} tokens; the engine's head allows "
+                f"{self._max_drafts}"
+            )
+        self._schedule = schedule.clipped(self.config.max_batch_size)
+        self._num_drafts = self._schedule.max_k
 
     def _load(self) -> None:
         from padrec_vllm.model.decoding_head import decoding_head
@@ -128,6 +130,7 @@ class ReferenceEngine:
                 head = load_head(c.head_dir, device=c.device, dtype=dtype)
                 self._head = decoding_head(head, self._target, int8=c.draft_int8)
                 self._num_drafts = self._schedule.max_k
+                self._max_drafts = c.draft_tokens()
         except Exception as exc:  # any load failure means "not running"
             raise EngineError(f"reference engine failed to load {c.artifacts}: {exc}") from exc
 

