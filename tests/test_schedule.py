@@ -106,9 +106,10 @@ def test_vllm_speculative_config():
         "method": "eagle", "model": "/h", "num_speculative_tokens": 4,
         "num_speculative_tokens_per_batch_size": [(1, 1, 4), (2, 3, 2), (4, 8, 0)],
     }
-    # one K everywhere (after clipping): vLLM's static speculation, no per-batch list
+    # one K everywhere (after clipping): still per batch size, so that it can be switched
     assert speculative_config("/h", SpecSchedule.parse("1-8:3,9-:0"), 8) == {
         "method": "eagle", "model": "/h", "num_speculative_tokens": 3,
+        "num_speculative_tokens_per_batch_size": [(1, 8, 3)],
     }
     with pytest.raises(ValueError, match="never speculates"):
         speculative_config("/h", SpecSchedule.off(), 8)
