@@ -53,8 +53,13 @@ class NullEngine:
         catalog = Catalog.load(settings.artifacts)
         self.tokens = catalog.completion_ids(sorted(catalog.item_to_sid)[:3], finished=True)
 
+    max_draft_tokens = 0  # no head: nothing to calibrate
+
     async def start(self, warmup_prompts, max_new_tokens, constraint=None):
         return None
+
+    async def set_schedule(self, schedule):
+        self.schedule = schedule
 
     async def generate(self, prompt, max_new_tokens, constraint=None):
         from padrec_vllm.engines import RequestResult
