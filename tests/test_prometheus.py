@@ -57,7 +57,9 @@ def server_metric(server: str, name: str) -> float:
 def server(tiny_artifacts, synth_data_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("prom-server") / "server.log"
     env = {"PADREC_ENGINE": "reference", "PADREC_DATA_DIR": str(synth_data_dir),
-           "PADREC_CALIBRATION_REQUESTS": "2"}
+           "PADREC_CALIBRATION_REQUESTS": "2",
+           # a fixed schedule: the series below need drafts, and auto may choose K = 0 on tiny
+           "PADREC_SPEC_SCHEDULE": "1:3,2-:0"}
     with local_server(tiny_artifacts, log, env=env, ready_timeout_s=600) as url:
         yield url
 
