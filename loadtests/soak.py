@@ -4,9 +4,13 @@ server and every process it started (vLLM's engine core) sampled throughout.
     python loadtests/run.py soak --artifacts artifacts/demo-Beauty --users 16 --duration 1h \
         --sample 30s --out runs/soak
 
-The verdict is the least-squares slope of the summed RSS over the last half of the run, in MB per
-minute (the first half holds the warm-up growth of allocators and caches); each process gets its
-own slope too, so a leak names its process. Writes ``soak.json`` (every sample), ``soak.md`` and
+The verdict is the least-squares slope of the tree's memory over the last half of the run, in MB
+per minute (the first half holds the warm-up growth of allocators and caches). The tree's memory is
+the sum of each process's PSS (proportional set size: a page shared by n processes counts 1/n in
+each), so shared memory (vLLM's engine core and worker share a ring buffer in /dev/shm) counts
+once, as the kernel charges it; a sum of RSS would count it in every process that maps it. Each
+process gets its own slopes too (PSS, and its anonymous and shared-memory RSS), so growth names
+its process and its kind. Writes ``soak.json`` (every sample), ``soak.md`` and
 ``soak.png`` under ``--out``. Exit status 1 when any request failed.
 """
 
@@ -27,10 +31,14 @@ class Sample:
     t_s: float  # seconds since the load started
     rss_mb: dict[str, float]  # process label -> resident set size
     requests: float  # the server's padrec_recommendations_total
+    pss_mb: dict[str, float] = field(default_factory=dict)  # label -> proportional set size
+    anon_mb: dict[str, float] = field(default_factory=dict)  # label -> RssAnon
+    shmem_mb: dict[str, float] = field(default_factory=dict)  # label -> RssShmem
 
     @property
     def total_mb(self) -> float:
-        return sum(self.rss_mb.values())
+        """The tree's memory: summed PSS (summed RSS where PSS could not be read)."""
+        return sum(self.pss_mb.values()) if self.pss_mb else sum(self.rss_mb.values())
 
 
 @dataclass
@@ -42,30 +50,58 @@ class SoakResult:
     rps: float
     p50_ms: float
     p99_ms: float
-    slope_mb_per_min: float  # summed RSS, last half of the run
-    slope_by_process: dict[str, float] = field(default_factory=dict)
+    slope_mb_per_min: float  # summed PSS, last half of the run
+    slope_by_process: dict[str, float] = field(default_factory=dict)  # PSS
+    anon_slope_by_process: dict[str, float] = field(default_factory=dict)
+    shmem_slope_by_process: dict[str, float] = field(default_factory=dict)
     start_mb: float = 0.0
     end_mb: float = 0.0
     samples: list[dict] = field(default_factory=list)
 
 
-def process_tree_rss(pid: int) -> dict[str, float]:
-    """RSS in MB of ``pid`` and its live descendants, labelled ``server`` (``pid`` itself) and
-    by process name for the others (``name#2`` when a name repeats)."""
+def _status_kb(pid: int, keys: tuple[str, ...]) -> dict[str, float]:
+    """Fields of ``/proc/PID/status`` (kB) in MB; missing fields are absent."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in keys:
+                out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def _pss_mb(pid: int) -> float:
+    """PSS in MB from ``/proc/PID/smaps_rollup``."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    raise OSError(f"no Pss in /proc/{pid}/smaps_rollup")
+
+
+def process_tree_memory(pid: int) -> dict[str, dict[str, float]]:
+    """Memory of ``pid`` and its live descendants: ``{"rss" | "pss" | "anon" | "shmem": {label:
+    MB}}``, labelled ``server`` (``pid`` itself) and by process name for the others (``name#2``
+    when a name repeats)."""
     import psutil
 
     root = psutil.Process(pid)
-    out: dict[str, float] = {"server": root.memory_info().rss / MB}
-    for child in root.children(recursive=True):
+    out: dict[str, dict[str, float]] = {"rss": {}, "pss": {}, "anon": {}, "shmem": {}}
+    for proc in [root, *root.children(recursive=True)]:
         try:
-            name, rss = child.name(), child.memory_info().rss / MB
-        except psutil.Error:  # gone between the listing and the read
+            name = "server" if proc.pid == pid else proc.name()
+            status = _status_kb(proc.pid, ("VmRSS", "RssAnon", "RssShmem"))
+            pss = _pss_mb(proc.pid)
+        except (psutil.Error, OSError):  # gone between the listing and the read
             continue
         label, n = name, 1
-        while label in out:
+        while label in out["rss"]:
             n += 1
             label = f"{name}#{n}"
-        out[label] = rss
+        out["rss"][label] = status.get("VmRSS", 0.0)
+        out["pss"][label] = pss
+        out["anon"][label] = status.get("RssAnon", 0.0)
+        out["shmem"][label] = status.get("RssShmem", 0.0)
     return out
 
 
@@ -106,8 +142,10 @@ def soak(url: str, pid: int, *, users: int, duration_s: float, sample_s: float, 
 
     def take(t0: float) -> Sample:
         counters = scrape(url) or {}
-        s = Sample(time.monotonic() - t0, process_tree_rss(pid),
-                   counters.get("padrec_recommendations_total", 0.0))
+        mem = process_tree_memory(pid)
+        s = Sample(time.monotonic() - t0, mem["rss"],
+                   counters.get("padrec_recommendations_total", 0.0), pss_mb=mem["pss"],
+                   anon_mb=mem["anon"], shmem_mb=mem["shmem"])
         samples.append(s)
         return s
 
@@ -120,7 +158,7 @@ def soak(url: str, pid: int, *, users: int, duration_s: float, sample_s: float, 
             time.sleep(max(0.0, min(next_at - (time.monotonic() - t0), 1.0)))
             if time.monotonic() - t0 >= next_at and proc.poll() is None:
                 s = take(t0)
-                progress(f"  {s.t_s / 60:6.1f} min  rss {s.total_mb:8.1f} MB  "
+                progress(f"  {s.t_s / 60:6.1f} min  pss {s.total_mb:8.1f} MB  "
                          f"requests {s.requests:9.0f}")
                 next_at += sample_s
         take(t0)
@@ -139,31 +177,39 @@ def soak(url: str, pid: int, *, users: int, duration_s: float, sample_s: float, 
         p50_ms=stats["p50_ms"],
         p99_ms=stats["p99_ms"],
         slope_mb_per_min=slope_per_min([(s.t_s, s.total_mb) for s in tail]),
-        slope_by_process={
-            label: slope_per_min([(s.t_s, s.rss_mb[label]) for s in tail if label in s.rss_mb])
-            for label in labels
-        },
+        slope_by_process=_slopes(tail, labels, "pss_mb"),
+        anon_slope_by_process=_slopes(tail, labels, "anon_mb"),
+        shmem_slope_by_process=_slopes(tail, labels, "shmem_mb"),
         start_mb=samples[0].total_mb,
         end_mb=samples[-1].total_mb,
         samples=[{**asdict(s), "total_mb": s.total_mb} for s in samples],
     )
 
 
+def _slopes(samples: list[Sample], labels: list[str], kind: str) -> dict[str, float]:
+    """Per-process slope (MB/min) of the ``kind`` field (``pss_mb``, ``anon_mb``, ...)."""
+    return {label: slope_per_min([(s.t_s, getattr(s, kind)[label]) for s in samples
+                                  if label in getattr(s, kind)])
+            for label in labels}
+
+
 def soak_markdown(r: SoakResult, command: str) -> str:
     lines = [f"Command: `{command}`", "",
-             "| users | minutes | requests | failures | req/s | p50 ms | p99 ms | RSS start MB "
-             "| RSS end MB | slope, last half (MB/min) |",
+             "| users | minutes | requests | failures | req/s | p50 ms | p99 ms | PSS start MB "
+             "| PSS end MB | slope, last half (MB/min) |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
              f"| {r.users} | {r.duration_s / 60:.0f} | {r.requests} | {r.failures} | {r.rps:.1f} | "
              f"{r.p50_ms:.0f} | {r.p99_ms:.0f} | {r.start_mb:.0f} | {r.end_mb:.0f} | "
              f"{r.slope_mb_per_min:+.3f} |", "",
-             "Slope by process (last half, MB/min): "
-             + ", ".join(f"{k} {v:+.3f}" for k, v in r.slope_by_process.items())]
+             "Slope by process (last half, MB/min), PSS / anonymous RSS / shared-memory RSS: "
+             + ", ".join(f"{k} {v:+.3f} / {r.anon_slope_by_process.get(k, 0.0):+.3f} / "
+                         f"{r.shmem_slope_by_process.get(k, 0.0):+.3f}"
+                         for k, v in r.slope_by_process.items())]
     return "\n".join(lines) + "\n"
 
 
 def plot(r: SoakResult, path: Path) -> None:
-    """RSS of each process and the sum against minutes."""
+    """PSS of each process and the tree's sum against minutes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,12 +217,12 @@ def plot(r: SoakResult, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     t = [s["t_s"] / 60 for s in r.samples]
-    labels = sorted({k for s in r.samples for k in s["rss_mb"]})
+    labels = sorted({k for s in r.samples for k in s["pss_mb"]})
     for label in labels:
-        ax.plot(t, [s["rss_mb"].get(label, float("nan")) for s in r.samples], label=label)
+        ax.plot(t, [s["pss_mb"].get(label, float("nan")) for s in r.samples], label=label)
     ax.plot(t, [s["total_mb"] for s in r.samples], "k-", label="sum")
     ax.set_xlabel("minutes under load")
-    ax.set_ylabel("RSS (MB)")
+    ax.set_ylabel("PSS (MB)")
     ax.set_title(f"soak: {r.users} users, last-half slope {r.slope_mb_per_min:+.3f} MB/min")
     ax.legend(fontsize=8)
     fig.tight_layout()

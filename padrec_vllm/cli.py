@@ -311,6 +311,10 @@ def _cmd_calibrate(args) -> None:
 
 
 def _cmd_bench(args) -> None:
+    if args.engine == "vllm":
+        from padrec_vllm.cpu_runtime import reexec_with_preload
+
+        reexec_with_preload()
     from padrec_vllm.bench import BenchConfig, format_table, write_outputs
 
     if args.calibrate:

@@ -44,6 +44,12 @@ def command(
 
 def run(args: argparse.Namespace) -> None:
     """Serve until interrupted; flags that were given override ``PADREC_*``."""
+    import os
+
+    from padrec_vllm.cpu_runtime import reexec_with_preload
+
+    if (args.engine or os.environ.get("PADREC_ENGINE", "vllm")) == "vllm":
+        reexec_with_preload()
     from server.main import serve
 
     overrides = {"engine": args.engine} if args.engine else {}

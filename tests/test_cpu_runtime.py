@@ -1,0 +1,101 @@
+"""The CPU runtime preload (padrec_vllm/cpu_runtime.py): which libraries, when the command
+re-executes itself, and a real `padrec serve --engine vllm` that comes up preloaded."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks.local_server import HOST, free_port
+from padrec_vllm import cpu_runtime
+
+PADREC = Path(sys.executable).with_name("padrec")
+
+
+def test_preloaded_environment_prepends_only_what_is_missing():
+    libs = ["/usr/lib/libtcmalloc_minimal.so.4", "/venv/lib/libiomp5.so"]
+    env = cpu_runtime.preloaded_environment({"PATH": "/bin"}, libs)
+    assert env == {"PATH": "/bin", "LD_PRELOAD": ":".join(libs)}
+    env = cpu_runtime.preloaded_environment({"LD_PRELOAD": "/other/libtcmalloc_minimal.so.4"},
+                                            libs)
+    assert env["LD_PRELOAD"] == "/venv/lib/libiomp5.so:/other/libtcmalloc_minimal.so.4"
+    assert cpu_runtime.preloaded_environment({"LD_PRELOAD": ":".join(libs)}, libs) is None
+    assert cpu_runtime.preloaded_environment({}, []) is None
+
+
+def test_find_libraries_looks_in_the_environment_prefix(tmp_path):
+    (tmp_path / "lib").mkdir()
+    assert not any(p.endswith("libiomp5.so") for p in cpu_runtime.find_libraries(str(tmp_path)))
+    (tmp_path / "lib" / "libiomp5.so").write_bytes(b"")
+    assert cpu_runtime.find_libraries(str(tmp_path))[-1] == str(tmp_path / "lib" / "libiomp5.so")
+
+
+@pytest.fixture
+def execs(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_runtime.os, "execve", lambda *a: calls.append(a))
+    monkeypatch.setattr(cpu_runtime, "vllm_is_cpu_build", lambda: True)
+    monkeypatch.setattr(cpu_runtime, "find_libraries", lambda: ("/x/libiomp5.so",))
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("_PADREC_CPU_PRELOADED", raising=False)
+    monkeypatch.delenv(cpu_runtime.SETTING, raising=False)
+    return calls
+
+
+def test_reexec_runs_the_same_command_preloaded(execs):
+    cpu_runtime.reexec_with_preload(["/venv/bin/padrec", "serve", "--port", "9"])
+    [(exe, argv, env)] = execs
+    assert exe == sys.executable
+    assert argv == [sys.executable, "-m", "padrec_vllm.cli", "serve", "--port", "9"]
+    assert env["LD_PRELOAD"] == "/x/libiomp5.so" and env["_PADREC_CPU_PRELOADED"] == "1"
+
+
+@pytest.mark.parametrize("setting", [
+    {cpu_runtime.SETTING: "off"},  # the user turned it off
+    {"_PADREC_CPU_PRELOADED": "1"},  # already re-executed: never twice
+    {"LD_PRELOAD": "/y/libiomp5.so"},  # nothing missing
+])
+def test_reexec_leaves_the_process_alone(execs, monkeypatch, setting):
+    for key, value in setting.items():
+        monkeypatch.setenv(key, value)
+    cpu_runtime.reexec_with_preload(["padrec", "serve"])
+    assert execs == []
+
+
+def test_reexec_needs_a_cpu_build_of_vllm(execs, monkeypatch):
+    monkeypatch.setattr(cpu_runtime, "vllm_is_cpu_build", lambda: False)
+    cpu_runtime.reexec_with_preload(["padrec", "serve"])
+    assert execs == []
+
+
+@pytest.mark.skipif(not cpu_runtime.vllm_is_cpu_build() or len(cpu_runtime.find_libraries()) < 2,
+                    reason="needs vLLM's CPU build, libtcmalloc_minimal and libiomp5 (make setup)")
+def test_padrec_serve_vllm_comes_up_preloaded(tiny_artifacts, synth_data_dir, tmp_path):
+    """The real console script: the server process (same pid after the exec) carries both
+    libraries in LD_PRELOAD and logs the line that says so, before its engine starts."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", "_PADREC_CPU_PRELOADED", cpu_runtime.SETTING)}
+    env.update(PADREC_ARTIFACTS=str(tiny_artifacts), PADREC_DATA_DIR=str(synth_data_dir),
+               PADREC_HOST=HOST, PADREC_PORT=str(free_port()), PADREC_CALIBRATION_REQUESTS="0")
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(PADREC), "serve", "--engine", "vllm"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "CPU runtime: LD_PRELOAD=" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            time.sleep(0.2)
+        environ = dict(kv.split("=", 1) for kv in
+                       Path(f"/proc/{proc.pid}/environ").read_text().split("\0") if "=" in kv)
+    finally:
+        proc.kill()
+        proc.wait()
+    preload = environ.get("LD_PRELOAD", "")
+    assert "libtcmalloc_minimal.so.4" in preload and "libiomp5.so" in preload
+    assert "CPU runtime: LD_PRELOAD=" in log.read_text()
