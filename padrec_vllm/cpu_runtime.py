@@ -2,10 +2,10 @@
 
 vLLM's CPU worker warns at start-up that speculative decoding without ``libiomp5`` (and
 ``libtcmalloc``) preloaded loses speed. A library can only be preloaded by the dynamic loader
-when a process starts, so ``padrec serve`` and ``padrec bench --engine vllm`` call
-``reexec_with_preload`` first: when the vLLM installed is a CPU build and the libraries are found
-but not yet in ``LD_PRELOAD``, the command re-executes itself (``os.execve``, same interpreter and
-arguments) with them prepended. vLLM's engine processes inherit the environment.
+when a process starts, so ``padrec serve``, ``python -m server.main`` (both with the vLLM engine)
+and ``padrec bench --engine vllm`` call ``reexec_with_preload`` first: when the vLLM installed is a
+CPU build and the libraries are found but not yet in ``LD_PRELOAD``, the command re-executes itself
+(``os.execve``, same interpreter, module and arguments) with them prepended. vLLM's engine processes inherit the environment.
 
 ``PADREC_CPU_PRELOAD``: ``auto`` (default) does the above; ``off`` leaves the environment alone.
 Where the libraries are looked for: tcmalloc in the system library folders (Debian package
@@ -71,8 +71,10 @@ def preloaded_environment(environ: Mapping[str, str],
     return env
 
 
-def reexec_with_preload(argv: Sequence[str] | None = None) -> None:
-    """Re-execute this command with the CPU libraries preloaded, when that applies; else return.
+def reexec_with_preload(module: str = "padrec_vllm.cli",
+                        argv: Sequence[str] | None = None) -> None:
+    """Re-execute this command as ``python -m module argv[1:]`` (``argv`` defaults to
+    ``sys.argv``) with the CPU libraries preloaded, when that applies; else return.
 
     Returns without doing anything when ``PADREC_CPU_PRELOAD=off``, when vLLM is not a CPU
     build, when this process was already re-executed, or when no library is missing or found.
@@ -88,7 +90,7 @@ def reexec_with_preload(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv if argv is None else argv)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "padrec_vllm.cli", *args[1:]], env)
+    os.execve(sys.executable, [sys.executable, "-m", module, *args[1:]], env)
 
 
 def preload_note() -> str | None:

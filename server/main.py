@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from padrec_vllm.cpu_runtime import preload_note
+from padrec_vllm.cpu_runtime import preload_note, reexec_with_preload
 from padrec_vllm.errors import UserError
 from server.app import create_app
 from server.checks import check
@@ -75,7 +75,13 @@ def app_from_env():
 
 def main() -> int:
     """``python -m server.main``: ``serve()``; a problem found before the start is one line on
-    stderr and exit status 2 (as ``padrec serve``)."""
+    stderr and exit status 2 (as ``padrec serve``). With the vLLM engine on a CPU build of vLLM,
+    it first re-executes itself with vLLM's CPU libraries preloaded (``padrec_vllm.cpu_runtime``).
+    """
+    import os
+
+    if os.environ.get("PADREC_ENGINE", "vllm").strip().lower() == "vllm":
+        reexec_with_preload(module="server.main")
     try:
         serve()
     except UserError as exc:

@@ -48,10 +48,12 @@ def execs(monkeypatch):
 
 
 def test_reexec_runs_the_same_command_preloaded(execs):
-    cpu_runtime.reexec_with_preload(["/venv/bin/padrec", "serve", "--port", "9"])
-    [(exe, argv, env)] = execs
+    cpu_runtime.reexec_with_preload(argv=["/venv/bin/padrec", "serve", "--port", "9"])
+    cpu_runtime.reexec_with_preload(module="server.main", argv=["/repo/server/main.py"])
+    [(exe, argv, env), (_, argv2, _)] = execs
     assert exe == sys.executable
     assert argv == [sys.executable, "-m", "padrec_vllm.cli", "serve", "--port", "9"]
+    assert argv2 == [sys.executable, "-m", "server.main"]
     assert env["LD_PRELOAD"] == "/x/libiomp5.so" and env["_PADREC_CPU_PRELOADED"] == "1"
 
 
@@ -63,13 +65,13 @@ def test_reexec_runs_the_same_command_preloaded(execs):
 def test_reexec_leaves_the_process_alone(execs, monkeypatch, setting):
     for key, value in setting.items():
         monkeypatch.setenv(key, value)
-    cpu_runtime.reexec_with_preload(["padrec", "serve"])
+    cpu_runtime.reexec_with_preload(argv=["padrec", "serve"])
     assert execs == []
 
 
 def test_reexec_needs_a_cpu_build_of_vllm(execs, monkeypatch):
     monkeypatch.setattr(cpu_runtime, "vllm_is_cpu_build", lambda: False)
-    cpu_runtime.reexec_with_preload(["padrec", "serve"])
+    cpu_runtime.reexec_with_preload(argv=["padrec", "serve"])
     assert execs == []
 
 
