@@ -5,7 +5,8 @@ vLLM's CPU worker warns at start-up that speculative decoding without ``libiomp5
 when a process starts, so ``padrec serve``, ``python -m server.main`` (both with the vLLM engine)
 and ``padrec bench --engine vllm`` call ``reexec_with_preload`` first: when the vLLM installed is a
 CPU build and the libraries are found but not yet in ``LD_PRELOAD``, the command re-executes itself
-(``os.execve``, same interpreter, module and arguments) with them prepended. vLLM's engine processes inherit the environment.
+(``os.execve``, same interpreter, module and arguments) with them prepended. vLLM's engine
+processes inherit the environment.
 
 ``PADREC_CPU_PRELOAD``: ``auto`` (default) does the above; ``off`` leaves the environment alone.
 Where the libraries are looked for: tcmalloc in the system library folders (Debian package
