@@ -6,12 +6,11 @@ server and every process it started (vLLM's engine core) sampled throughout.
 
 The verdict is the least-squares slope of the tree's memory over the last half of the run, in MB
 per minute (the first half holds the warm-up growth of allocators and caches). The tree's memory is
-the sum of each process's PSS (proportional set size: a page shared by n processes counts 1/n in
-each), so shared memory (vLLM's engine core and worker share a ring buffer in /dev/shm) counts
-once, as the kernel charges it; a sum of RSS would count it in every process that maps it. Each
-process gets its own slopes too (PSS, and its anonymous and shared-memory RSS), so growth names
-its process and its kind. Writes ``soak.json`` (every sample), ``soak.md`` and
-``soak.png`` under ``--out``. Exit status 1 when any request failed.
+the sum over its processes of anonymous and shared-memory RSS (``RssAnon + RssShmem``): the heap
+and mmap memory a leak grows. File-backed pages (libraries, model files) are left out: they are
+shared, reclaimable, and their PSS moves whenever another process on the machine maps the same
+libraries. Each process gets its own slopes too (that memory, and its PSS and RSS for reference),
+so growth names its process.
 """
 
 from __future__ import annotations
@@ -35,10 +34,16 @@ class Sample:
     anon_mb: dict[str, float] = field(default_factory=dict)  # label -> RssAnon
     shmem_mb: dict[str, float] = field(default_factory=dict)  # label -> RssShmem
 
+    def private_mb(self, label: str) -> float:
+        """Anonymous + shared-memory RSS of one process (its RSS where those were not read)."""
+        if label in self.anon_mb:
+            return self.anon_mb[label] + self.shmem_mb.get(label, 0.0)
+        return self.rss_mb[label]
+
     @property
     def total_mb(self) -> float:
-        """The tree's memory: summed PSS (summed RSS where PSS could not be read)."""
-        return sum(self.pss_mb.values()) if self.pss_mb else sum(self.rss_mb.values())
+        """The tree's memory: summed ``private_mb`` of its processes."""
+        return sum(self.private_mb(label) for label in self.rss_mb)
 
 
 @dataclass
@@ -50,10 +55,10 @@ class SoakResult:
     rps: float
     p50_ms: float
     p99_ms: float
-    slope_mb_per_min: float  # summed PSS, last half of the run
-    slope_by_process: dict[str, float] = field(default_factory=dict)  # PSS
-    anon_slope_by_process: dict[str, float] = field(default_factory=dict)
-    shmem_slope_by_process: dict[str, float] = field(default_factory=dict)
+    slope_mb_per_min: float  # summed anonymous + shared-memory RSS, last half of the run
+    slope_by_process: dict[str, float] = field(default_factory=dict)  # the same, by process
+    pss_slope_by_process: dict[str, float] = field(default_factory=dict)
+    rss_slope_by_process: dict[str, float] = field(default_factory=dict)
     start_mb: float = 0.0
     end_mb: float = 0.0
     samples: list[dict] = field(default_factory=list)
@@ -158,7 +163,7 @@ def soak(url: str, pid: int, *, users: int, duration_s: float, sample_s: float, 
             time.sleep(max(0.0, min(next_at - (time.monotonic() - t0), 1.0)))
             if time.monotonic() - t0 >= next_at and proc.poll() is None:
                 s = take(t0)
-                progress(f"  {s.t_s / 60:6.1f} min  pss {s.total_mb:8.1f} MB  "
+                progress(f"  {s.t_s / 60:6.1f} min  anon+shmem {s.total_mb:8.1f} MB  "
                          f"requests {s.requests:9.0f}")
                 next_at += sample_s
         take(t0)
@@ -177,9 +182,10 @@ def soak(url: str, pid: int, *, users: int, duration_s: float, sample_s: float, 
         p50_ms=stats["p50_ms"],
         p99_ms=stats["p99_ms"],
         slope_mb_per_min=slope_per_min([(s.t_s, s.total_mb) for s in tail]),
-        slope_by_process=_slopes(tail, labels, "pss_mb"),
-        anon_slope_by_process=_slopes(tail, labels, "anon_mb"),
-        shmem_slope_by_process=_slopes(tail, labels, "shmem_mb"),
+        slope_by_process={label: slope_per_min([(s.t_s, s.private_mb(label)) for s in tail
+                                                 if label in s.rss_mb]) for label in labels},
+        pss_slope_by_process=_slopes(tail, labels, "pss_mb"),
+        rss_slope_by_process=_slopes(tail, labels, "rss_mb"),
         start_mb=samples[0].total_mb,
         end_mb=samples[-1].total_mb,
         samples=[{**asdict(s), "total_mb": s.total_mb} for s in samples],
@@ -194,22 +200,24 @@ def _slopes(samples: list[Sample], labels: list[str], kind: str) -> dict[str, fl
 
 
 def soak_markdown(r: SoakResult, command: str) -> str:
+    per_request = r.slope_mb_per_min * 1024 / (60 * r.rps) if r.rps else 0.0
     lines = [f"Command: `{command}`", "",
-             "| users | minutes | requests | failures | req/s | p50 ms | p99 ms | PSS start MB "
-             "| PSS end MB | slope, last half (MB/min) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+             "| users | minutes | requests | failures | req/s | p50 ms | p99 ms | start MB "
+             "| end MB | slope, last half (MB/min) | KB per request, last half |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
              f"| {r.users} | {r.duration_s / 60:.0f} | {r.requests} | {r.failures} | {r.rps:.1f} | "
              f"{r.p50_ms:.0f} | {r.p99_ms:.0f} | {r.start_mb:.0f} | {r.end_mb:.0f} | "
-             f"{r.slope_mb_per_min:+.3f} |", "",
-             "Slope by process (last half, MB/min), PSS / anonymous RSS / shared-memory RSS: "
-             + ", ".join(f"{k} {v:+.3f} / {r.anon_slope_by_process.get(k, 0.0):+.3f} / "
-                         f"{r.shmem_slope_by_process.get(k, 0.0):+.3f}"
+             f"{r.slope_mb_per_min:+.3f} | {per_request:+.3f} |", "",
+             "Memory is anonymous + shared-memory RSS summed over the processes. Slope by process "
+             "(last half, MB/min), that memory / PSS / RSS: "
+             + ", ".join(f"{k} {v:+.3f} / {r.pss_slope_by_process.get(k, 0.0):+.3f} / "
+                         f"{r.rss_slope_by_process.get(k, 0.0):+.3f}"
                          for k, v in r.slope_by_process.items())]
     return "\n".join(lines) + "\n"
 
 
 def plot(r: SoakResult, path: Path) -> None:
-    """PSS of each process and the tree's sum against minutes."""
+    """Anonymous + shared-memory RSS of each process and the tree's sum against minutes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,12 +225,13 @@ def plot(r: SoakResult, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     t = [s["t_s"] / 60 for s in r.samples]
-    labels = sorted({k for s in r.samples for k in s["pss_mb"]})
+    labels = sorted({k for s in r.samples for k in s["rss_mb"]})
     for label in labels:
-        ax.plot(t, [s["pss_mb"].get(label, float("nan")) for s in r.samples], label=label)
+        ax.plot(t, [s["anon_mb"].get(label, float("nan")) + s["shmem_mb"].get(label, 0.0)
+                    for s in r.samples], label=label)
     ax.plot(t, [s["total_mb"] for s in r.samples], "k-", label="sum")
     ax.set_xlabel("minutes under load")
-    ax.set_ylabel("PSS (MB)")
+    ax.set_ylabel("anonymous + shmem RSS (MB)")
     ax.set_title(f"soak: {r.users} users, last-half slope {r.slope_mb_per_min:+.3f} MB/min")
     ax.legend(fontsize=8)
     fig.tight_layout()

