@@ -73,6 +73,20 @@ def spec(workload, vllm_artifacts) -> ListSpec:
     return ListSpec(k=(workload.limit - 1) // per_item)
 
 
+STATS_BACKLOG: list[int] = []  # steps held by vLLM's logging stat logger (phases, at the end)
+
+
+def spec_backlog(async_llm) -> int:
+    """Engine steps whose speculative figures vLLM's logging stat loggers still hold; -1 when
+    there is no such logger (then there is nothing to check)."""
+    loggers = []
+    for top in async_llm.logger_manager.stat_loggers:
+        loggers += [top, *getattr(top, "per_engine_stat_loggers", {}).values()]
+    held = [len(lg.spec_decoding_logging.num_drafts) for lg in loggers
+            if hasattr(lg, "spec_decoding_logging")]
+    return sum(held) if held else -1
+
+
 @pytest.fixture(scope="module")
 def phases(workload, vllm_artifacts, spec) -> dict[str, Phase]:
     from padrec_vllm.vllm_plugin.async_engine import VllmEngine
@@ -130,12 +144,20 @@ def phases(workload, vllm_artifacts, spec) -> dict[str, Phase]:
             CALIBRATION.append(await calibrate(engine, prompts, workload.limit, constraint=spec,
                                                max_k=k, requests=2, max_batch=2))
             await phase("calibrated alone", prompts[:1], spec)
+            # vLLM's logging stat logger keeps every step's speculative figures until its log()
+            # runs; the engine flushes it every VLLM_LOG_STATS_INTERVAL s (0.2 here)
+            STATS_BACKLOG.append(spec_backlog(engine._engine))
+            await phase("before the flush", prompts)
+            STATS_BACKLOG.append(spec_backlog(engine._engine))
+            await asyncio.sleep(1.0)
+            STATS_BACKLOG.append(spec_backlog(engine._engine))
         finally:
             await engine.close()
         return out
 
     env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-           "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # the probes, in both processes
+           "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # the probes, in both processes
+           "VLLM_LOG_STATS_INTERVAL": "0.2"}
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
@@ -234,6 +256,13 @@ def test_each_result_reports_its_k(phases, workload):
         for r in ph.results:
             assert 0 <= r.num_draft_tokens <= k and r.speculative == (r.num_draft_tokens > 0)
             assert r.speculative or r.draft_tokens == 0, name
+
+
+def test_vllm_stat_loggers_are_flushed(phases):
+    """Without the engine's periodic ``do_log_stats`` the backlog only grows (issue 18's memory
+    growth under load); with it, a second after the last request it is empty."""
+    assert len(STATS_BACKLOG) == 3 and min(STATS_BACKLOG) >= 0  # vLLM's logger is there
+    assert STATS_BACKLOG[-1] == 0
 
 
 def test_summary(phases):

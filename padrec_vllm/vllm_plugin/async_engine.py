@@ -28,6 +28,12 @@ path (``structured.py``): the target is masked at every verified position, the d
 legal tokens (``draft_constraint.py``) and vLLM cuts drafts at the first illegal one. vLLM does
 not skip forced tokens (it verifies them like any other), so ``forced_tokens`` stays 0 here.
 
+vLLM's stat loggers are flushed every ``VLLM_LOG_STATS_INTERVAL`` seconds (vLLM's setting, default
+10) by ``do_log_stats``, as vLLM's own API server does: its logging stat logger appends every
+engine step's speculative figures to lists that only ``log()`` empties, so an engine whose
+``do_log_stats`` is never called grows without bound under load. The flush also writes vLLM's
+periodic throughput / acceptance line to the log while the engine is busy.
+
 ``set_schedule`` changes the schedule of the running engine (``schedule_switch.py``: vLLM's
 scheduler lookup, batch size -> K, is rebuilt in the engine core), which is why a speculative engine
 always starts with a per-batch-size schedule, even a uniform one. Start-up calibration
@@ -63,6 +69,7 @@ class VllmEngine:
         self._max_drafts = 0  # K of the speculative config the engine started with
         self._schedule = SpecSchedule.off()  # set by ``start`` (reads the head's K)
         self._slots: list[int] | None = None
+        self._stats_task: asyncio.Task | None = None
 
     @property
     def num_draft_tokens(self) -> int:
@@ -90,6 +97,7 @@ class VllmEngine:
         self._schedule = self.config.schedule()
         self._num_drafts = self._max_drafts = self._schedule.max_k
         self._engine = await asyncio.to_thread(self._build, self._num_drafts > 0)
+        self._stats_task = asyncio.create_task(self._flush_stats(self._engine))
         if warmup_prompts:
             await self._run(self._engine, warmup_prompts, max_new_tokens, self._num_drafts,
                             constraint)
@@ -205,7 +213,23 @@ class VllmEngine:
         fixed_k = num_drafts if self._schedule.uniform else None
         return _result(final, num_drafts, self._slots, wall, fixed_k)
 
+    async def _flush_stats(self, engine) -> None:
+        """Call ``engine.do_log_stats()`` every ``VLLM_LOG_STATS_INTERVAL`` s until cancelled."""
+        import logging
+
+        from vllm import envs
+
+        while True:
+            await asyncio.sleep(max(float(envs.VLLM_LOG_STATS_INTERVAL), 0.1))
+            try:
+                await engine.do_log_stats()
+            except Exception as exc:  # a logger's failure must not stop the flushing
+                logging.getLogger(__name__).warning("vLLM do_log_stats failed: %s", exc)
+
     async def close(self) -> None:
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            self._stats_task = None
         if self._engine is not None:
             engine, self._engine = self._engine, None
             # on the loop's thread, so the output handler is cancelled before it can see the
