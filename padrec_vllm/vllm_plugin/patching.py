@@ -2,10 +2,11 @@
 
 Every patched symbol is a ``(module, class, attribute)`` triple listed by the module that hooks it
 (``step.py``: the draft step; ``structured.py``: the list constraint; ``draft_constraint.py``: the
-masked drafter). ``install_hook`` fails with ``PatchError`` naming the symbol when vLLM lacks it or
-its leading parameters changed, so a vLLM upgrade breaks loudly at start-up instead of silently
-skipping a hook. ``install_method`` adds a method vLLM does not have (``schedule_switch.py``: an
-engine-core utility) and fails the same way when the class is missing or already has the name.
+masked drafter; ``shm_notify.py``: the message queues' notifications). ``install_hook`` fails
+with ``PatchError`` naming the symbol when vLLM lacks it or its leading parameters changed, so a
+vLLM upgrade breaks loudly at start-up instead of silently skipping a hook. ``install_method``
+adds a method vLLM does not have (``schedule_switch.py``: an engine-core utility) and fails the
+same way when the class is missing or already has the name.
 """
 
 from __future__ import annotations
