@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--calibrate: the engine's batch, as PADREC_MAX_BATCH_SIZE (32)")
     bench.add_argument("--calibration-requests", type=positive_int, default=16,
                        help="--calibrate: prompts per point, as PADREC_CALIBRATION_REQUESTS (16)")
-    bench.set_defaults(run=_cmd_bench)
+    bench.set_defaults(run=_cmd_bench, cpu_preload=lambda a: a.engine == "vllm")
 
     for name, run in _registered_commands(sub).items():
         sub.choices[name].set_defaults(run=run)
@@ -311,10 +311,6 @@ def _cmd_calibrate(args) -> None:
 
 
 def _cmd_bench(args) -> None:
-    if args.engine == "vllm":
-        from padrec_vllm.cpu_runtime import reexec_with_preload
-
-        reexec_with_preload()
     from padrec_vllm.bench import BenchConfig, format_table, write_outputs
 
     if args.calibrate:
@@ -341,8 +337,17 @@ def _cmd_bench(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``padrec`` console script. With ``argv`` None (the process's own command line), a
+    command whose parser set ``cpu_preload`` (a predicate on its arguments) that holds first
+    re-executes the process with vLLM's CPU libraries preloaded (``padrec_vllm.cpu_runtime``);
+    called with ``argv`` (tests, embedding), never."""
     try:
         args = build_parser().parse_args(argv)
+        wants_preload = getattr(args, "cpu_preload", None)
+        if argv is None and wants_preload is not None and wants_preload(args):
+            from padrec_vllm.cpu_runtime import reexec_with_preload
+
+            reexec_with_preload()
         args.run(args)
     except UserError as exc:
         msg = str(exc)

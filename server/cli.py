@@ -39,17 +39,20 @@ def command(
         choices=["vllm", "reference"],
         help="default: $PADREC_ENGINE or vllm",
     )
+    srv.set_defaults(cpu_preload=uses_vllm)
     return run
+
+
+def uses_vllm(args: argparse.Namespace) -> bool:
+    """Whether ``serve`` runs the vLLM engine (``--engine``, else ``PADREC_ENGINE``, else vllm):
+    then ``padrec`` preloads vLLM's CPU libraries first (``padrec_vllm.cli.main``)."""
+    import os
+
+    return (args.engine or os.environ.get("PADREC_ENGINE", "vllm")).strip().lower() == "vllm"
 
 
 def run(args: argparse.Namespace) -> None:
     """Serve until interrupted; flags that were given override ``PADREC_*``."""
-    import os
-
-    from padrec_vllm.cpu_runtime import reexec_with_preload
-
-    if (args.engine or os.environ.get("PADREC_ENGINE", "vllm")) == "vllm":
-        reexec_with_preload()
     from server.main import serve
 
     overrides = {"engine": args.engine} if args.engine else {}

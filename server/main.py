@@ -75,13 +75,9 @@ def app_from_env():
 
 def main() -> int:
     """``python -m server.main``: ``serve()``; a problem found before the start is one line on
-    stderr and exit status 2 (as ``padrec serve``). With the vLLM engine on a CPU build of vLLM,
-    it first re-executes itself with vLLM's CPU libraries preloaded (``padrec_vllm.cpu_runtime``).
-    """
-    import os
-
-    if os.environ.get("PADREC_ENGINE", "vllm").strip().lower() == "vllm":
-        reexec_with_preload(module="server.main")
+    stderr and exit status 2 (as ``padrec serve``). Run as a process (``__main__``) with the vLLM
+    engine on a CPU build of vLLM, the process first re-executes itself with vLLM's CPU libraries
+    preloaded (``padrec_vllm.cpu_runtime``)."""
     try:
         serve()
     except UserError as exc:
@@ -91,4 +87,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    import os
+
+    if os.environ.get("PADREC_ENGINE", "vllm").strip().lower() == "vllm":
+        reexec_with_preload(module="server.main")
     sys.exit(main())

@@ -44,6 +44,7 @@ def execs(monkeypatch):
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     monkeypatch.delenv("_PADREC_CPU_PRELOADED", raising=False)
     monkeypatch.delenv(cpu_runtime.SETTING, raising=False)
+    monkeypatch.delenv("PADREC_ENGINE", raising=False)
     return calls
 
 
@@ -101,3 +102,25 @@ def test_padrec_serve_vllm_comes_up_preloaded(tiny_artifacts, synth_data_dir, tm
     preload = environ.get("LD_PRELOAD", "")
     assert "libtcmalloc_minimal.so.4" in preload and "libiomp5.so" in preload
     assert "CPU runtime: LD_PRELOAD=" in log.read_text()
+
+
+def test_in_process_calls_never_reexecute(execs, tmp_path, monkeypatch, capsys):
+    """``cli.main(argv)`` (tests, embedding) must not replace the calling process; only the
+    process's own command line (``argv`` None) re-executes, and only for vLLM commands."""
+    from padrec_vllm import cli
+
+    missing = str(tmp_path / "missing")
+    assert cli.main(["serve", "--engine", "vllm", "--artifacts", missing]) == 2
+    assert cli.main(["bench", "--engine", "vllm", "--artifacts", missing]) == 2
+    assert execs == []
+    monkeypatch.setattr(sys, "argv", ["padrec", "bench", "--engine", "reference",
+                                      "--artifacts", missing])
+    assert cli.main() == 2  # the reference engine: no preload
+    assert execs == []
+    for argv in (["padrec", "bench", "--engine", "vllm", "--artifacts", missing],
+                 ["padrec", "serve", "--artifacts", missing]):
+        monkeypatch.setattr(sys, "argv", argv)
+        cli.main()  # execve is recorded, not run: the command then goes on and fails
+    assert [a[1][3:] for a in execs] == [
+        ["bench", "--engine", "vllm", "--artifacts", missing], ["serve", "--artifacts", missing]]
+    capsys.readouterr()
