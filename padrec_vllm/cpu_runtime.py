@@ -17,7 +17,6 @@ Nothing here imports torch or vLLM.
 
 from __future__ import annotations
 
-import glob
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -47,9 +46,9 @@ def find_libraries(prefix: str | None = None) -> tuple[str, ...]:
     """Paths of ``libtcmalloc_minimal.so.4`` and ``libiomp5.so`` that exist, in preload order."""
     found = []
     for folder in _TCMALLOC_DIRS:
-        hits = sorted(glob.glob(os.path.join(folder, "libtcmalloc_minimal.so.4")))
-        if hits:
-            found.append(hits[0])
+        path = os.path.join(folder, "libtcmalloc_minimal.so.4")
+        if os.path.isfile(path):
+            found.append(path)
             break
     iomp = Path(prefix or sys.prefix) / "lib" / "libiomp5.so"
     if iomp.is_file():
