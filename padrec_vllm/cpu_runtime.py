@@ -60,15 +60,30 @@ def preloaded_environment(environ: Mapping[str, str],
                           libraries: Sequence[str]) -> dict[str, str] | None:
     """``environ`` with ``libraries`` prepended to ``LD_PRELOAD``; None when nothing is to add.
 
-    A library counts as present when its file name is already in ``LD_PRELOAD``.
+    A library is left out when ``LD_PRELOAD`` already holds one of its kind (``_KINDS``): an
+    allocator (any tcmalloc or jemalloc) or an OpenMP runtime (``libiomp``, ``libomp``,
+    ``libgomp``). Two OpenMP runtimes in one process do not work, and vLLM's CPU executor refuses
+    to start with both (it asserts on it), so a ``libgomp`` someone preloaded stays the only one.
     """
     current = environ.get("LD_PRELOAD", "")
-    missing = [lib for lib in libraries if os.path.basename(lib) not in current]
+    missing = [lib for lib in libraries if not _kind_present(os.path.basename(lib), current)]
     if not missing:
         return None
     env = dict(environ)
     env["LD_PRELOAD"] = ":".join([*missing, *([current] if current else [])])
     return env
+
+
+# Libraries of one kind replace each other: at most one of each kind is preloaded.
+_KINDS = (("libtcmalloc", "libjemalloc"), ("libiomp", "libomp", "libgomp"))
+
+
+def _kind_present(name: str, preload: str) -> bool:
+    """True when ``preload`` already names ``name`` or a library of its kind."""
+    for kind in _KINDS:
+        if any(name.startswith(stem) for stem in kind):
+            return any(stem in preload for stem in kind)
+    return name in preload
 
 
 def reexec_with_preload(module: str = "padrec_vllm.cli",

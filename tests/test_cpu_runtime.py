@@ -28,6 +28,20 @@ def test_preloaded_environment_prepends_only_what_is_missing():
     assert cpu_runtime.preloaded_environment({}, []) is None
 
 
+def test_one_openmp_runtime_and_one_allocator_at_most():
+    """A process that imported vLLM's CPU platform has torch's ``libgomp`` in ``LD_PRELOAD``
+    (vLLM puts it there) and hands it to the servers it starts: adding ``libiomp5`` made vLLM's
+    executor assert at start-up (both runtimes preloaded)."""
+    libs = ["/usr/lib/libtcmalloc_minimal.so.4", "/venv/lib/libiomp5.so"]
+    gomp = "/venv/torch/lib/libgomp.so.1"
+    env = cpu_runtime.preloaded_environment({"LD_PRELOAD": gomp}, libs)
+    assert env["LD_PRELOAD"] == f"/usr/lib/libtcmalloc_minimal.so.4:{gomp}"
+    jemalloc = "/usr/lib/libjemalloc.so.2"
+    env = cpu_runtime.preloaded_environment({"LD_PRELOAD": jemalloc}, libs)
+    assert env["LD_PRELOAD"] == f"/venv/lib/libiomp5.so:{jemalloc}"
+    assert cpu_runtime.preloaded_environment({"LD_PRELOAD": f"{jemalloc}:{gomp}"}, libs) is None
+
+
 def test_find_libraries_looks_in_the_environment_prefix(tmp_path):
     (tmp_path / "lib").mkdir()
     assert not any(p.endswith("libiomp5.so") for p in cpu_runtime.find_libraries(str(tmp_path)))
