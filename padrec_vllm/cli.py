@@ -88,6 +88,9 @@ def _add_embedding(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--embedding", default="auto", choices=METHODS,
                    help="item embedding for the SIDs (default: auto)")
+    p.add_argument("--token-format", default="per-level", choices=("per-level", "shared"),
+                   help="SID tokens: one id range per level, or one code range shared by every "
+                        "level (default: per-level; docs/DESIGN.md, Token format)")
 
 
 def _add_constraint_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -231,7 +234,7 @@ def _cmd_prepare(args) -> None:
     preset = get_preset(args.preset)
     dataset = load_dataset(args.dataset, args.data_dir)
     quantiser = QuantiserConfig(codebook_size=preset.codebook_size, seed=preset.seed)
-    report = prepare(dataset, Path(args.out), quantiser, args.embedding)
+    report = prepare(dataset, Path(args.out), quantiser, args.embedding, args.token_format)
     print("\n".join(report.lines()))
 
 
@@ -240,7 +243,8 @@ def _cmd_build(args) -> None:
     from padrec_vllm.presets import get_preset
 
     build(args.dataset, get_preset(args.preset), Path(args.out), args.data_dir, args.device,
-          args.embedding, args.train_budget_s, evaluate=not args.no_eval)
+          args.embedding, args.train_budget_s, evaluate=not args.no_eval,
+          token_format=args.token_format)
 
 
 def _cmd_eval(args) -> None:

@@ -18,6 +18,7 @@ from padrec_vllm.artifacts import ArtifactPaths
 from padrec_vllm.catalog.catalog import CATALOG_FILE, Catalog
 from padrec_vllm.catalog.prepare import prepare
 from padrec_vllm.catalog.rq import QuantiserConfig
+from padrec_vllm.catalog.tokens import PER_LEVEL
 from padrec_vllm.train.examples import list_examples
 from padrec_vllm.data.s3rec import Dataset, leave_one_out, load_dataset
 from padrec_vllm.errors import UserError
@@ -35,7 +36,8 @@ def log(msg: str) -> None:
 
 
 def run_prepare(
-    dataset: Dataset, paths: ArtifactPaths, preset: TargetPreset, embedding: str
+    dataset: Dataset, paths: ArtifactPaths, preset: TargetPreset, embedding: str,
+    token_format: str = PER_LEVEL,
 ) -> None:
     if (paths.root / CATALOG_FILE).exists():
         log(f"catalog exists in {paths.root}, skipping prepare")
@@ -45,6 +47,7 @@ def run_prepare(
         paths.root,
         QuantiserConfig(codebook_size=preset.codebook_size, seed=preset.seed),
         embedding,
+        token_format,
     )
     for line in report.lines():
         log(line)
@@ -199,8 +202,10 @@ def build(
     embedding: str = "auto",
     train_budget_s: float | None = None,
     evaluate: bool = True,
+    token_format: str = PER_LEVEL,
 ) -> dict | None:
-    """Run every stage; returns the evaluation dict (also in ``eval.json``)."""
+    """Run every stage; returns the evaluation dict (also in ``eval.json``). ``token_format``
+    (``catalog.tokens.TOKEN_FORMATS``) is the SID token format of the catalog."""
     paths = ArtifactPaths(Path(out))
     dataset = load_dataset(dataset_name, data_dir)
     if paths.build_info.exists():
@@ -210,16 +215,22 @@ def build(
                 f"{paths.root} holds a build of {info.get('dataset')}/{info.get('preset')}; "
                 f"use another --out for {dataset_name}/{preset.name}"
             )
+        if info.get("token_format", PER_LEVEL) != token_format:
+            raise UserError(
+                f"{paths.root} holds a {info.get('token_format', PER_LEVEL)} build; use another "
+                f"--out for --token-format {token_format}"
+            )
     else:
         info = {
             "dataset": dataset_name,
             "preset": preset.name,
             "seed": preset.seed,
+            "token_format": token_format,
             "timings_s": {},
         }
     paths.write_build_info(info)
     t0 = time.perf_counter()
-    run_prepare(dataset, paths, preset, embedding)
+    run_prepare(dataset, paths, preset, embedding, token_format)
     info["timings_s"].setdefault("prepare", time.perf_counter() - t0)
     if not paths.popularity.exists():
         write_popularity(dataset, paths)

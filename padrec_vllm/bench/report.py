@@ -61,11 +61,11 @@ def forced_share_by_slot(setup: BenchSetup, results: list[RequestResult]) -> dic
     states = setup.constraints()
     if states is None:
         return {}
-    slot_of, labels = setup.catalog.layout.slot_table(), setup.catalog.layout.slot_labels()
+    rule, labels = setup.catalog.layout.slot_rule(), setup.catalog.layout.slot_labels()
     counts: dict[int, list[int]] = {}  # slot -> [forced, tokens]
     for state, res in zip(states, results):
-        for tok in res.tokens:
-            c = counts.setdefault(slot_of[tok], [0, 0])
+        for j, tok in enumerate(res.tokens):
+            c = counts.setdefault(rule.completion_slot(j, tok), [0, 0])
             c[0] += state.forced() == tok
             c[1] += 1
             state.accept(tok)

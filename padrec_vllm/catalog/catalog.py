@@ -1,9 +1,10 @@
 """The catalog: item id <-> semantic ID, both directions, and parsing of generated lists.
 
 On disk (``<artifacts>/``): ``catalog.jsonl`` (one line per item: ``item_id``, ``sid``,
-``tokens``, ``title`` when known) and ``token_layout.json`` (codebook sizes and the
-token -> slot table). A generated code that names no item is an *invalid item*: it is counted,
-never raised.
+``tokens``, ``title`` when known) and ``token_layout.json`` (token format, codebook sizes and
+the token -> slot table; ``FROM_POSITION`` entries, with ``slot_period`` / ``slot_offset``, for
+the shared format's code tokens). A generated code that names no item is an *invalid item*: it
+is counted, never raised.
 """
 
 from __future__ import annotations
@@ -56,10 +57,19 @@ class Catalog:
         return self.layout.sid_to_ids(self.item_to_sid[item])
 
     def prompt_ids(self, history: list[int], max_history: int) -> list[int]:
-        """``<bos> h1 <sep> ... hn <sep> <rec>`` over the last ``max_history`` items."""
+        """The prompt over the last ``max_history`` items of ``history``.
+
+        per-level: ``<bos> h1 <sep> ... hn <sep> <rec>``. shared: ``<bos> h1 <sep> ... hn
+        <rec>``, i.e. ``<rec>`` takes the place of the last token (the last ``<sep>``, or
+        ``<bos>`` when the history is empty, so the prompt is ``<rec>``), which makes the prompt
+        1 + n (L + 1) tokens long: every item token, in the history and in the completion, sits
+        at a position q with slot ``(q - 1) mod (L + 1)`` (``tokens.SlotRule``).
+        """
         ids = [BOS_ID]
         for item in history[-max_history:] if max_history > 0 else []:
             ids += self.item_token_ids(item) + [SEP_ID]
+        if self.layout.shared:
+            return ids[:-1] + [REC_ID]
         return ids + [REC_ID]
 
     def completion_ids(self, items: list[int], finished: bool) -> list[int]:

@@ -27,7 +27,9 @@ Per request:
   1..a+1 of a round that accepted a (drafts after the first rejection are not judged), keyed by
   the slot of the *target's* token at the draft's position: exact for accepted drafts, and for the
   first rejected draft the slot the draft competed for. accepted / proposed is the acceptance rate
-  of a draft of slot s given that the chain reached it. Empty without a slot table.
+  of a draft of slot s given that the chain reached it. Empty without a slot table. The slot is
+  ``SlotRule.completion_slot`` of the token's index in ``tokens`` (by id under the token rule;
+  under the shared format's position rule a code token at index j has slot j mod (L + 1)).
 - ``acceptance_histogram[a]``: rounds with drafts that accepted exactly a of them (length K + 1).
 - ``queue_s``: waiting before the engine took the request; ``prefill_s``: until the first token;
   ``decode_s``: the rest; ``draft_s``: the part of ``decode_s`` spent in head forwards (0 where
@@ -41,6 +43,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from padrec_vllm.catalog.tokens import PER_LEVEL, SlotRule
+
+Slots = SlotRule | Sequence[int] | None  # a rule, or a [V] table of slots by token id
+
+
+def slot_rule_of(slots: Slots) -> SlotRule | None:
+    """``slots`` as a ``SlotRule`` (a bare table is the per-level token rule)."""
+    if slots is None or isinstance(slots, SlotRule):
+        return slots
+    table = tuple(int(s) for s in slots)
+    return SlotRule(PER_LEVEL, table, max(table) + 1)
 
 
 @dataclass(frozen=True)
@@ -105,12 +119,12 @@ class RequestResult:
 class RequestAccounting:
     """The figures of one request while it decodes; ``result()`` freezes them.
 
-    ``num_draft_tokens`` is K (0 for plain decoding); ``slot_of_token`` [V], when given, enables
-    ``accept_by_slot``.
+    ``num_draft_tokens`` is K (0 for plain decoding); ``slot_of_token`` (a ``SlotRule``, or a [V]
+    table of slots by token id), when given, enables ``accept_by_slot``.
     """
 
-    def __init__(self, num_draft_tokens: int, slot_of_token: Sequence[int] | None = None):
-        self.slot_of_token = slot_of_token
+    def __init__(self, num_draft_tokens: int, slot_of_token: Slots = None):
+        self.slot_rule = slot_rule_of(slot_of_token)
         self.tokens: list[int] = []
         self.target_forwards = 0
         self.plain_forwards = 0
@@ -139,13 +153,15 @@ class RequestAccounting:
         self.plain_forwards += 1
 
     def round(self, proposed: int, accepted: int, target_tokens: Sequence[int],
-              head_steps: int) -> None:
+              head_steps: int, first: int | None = None) -> None:
         """One verify forward over ``proposed`` drafts of which ``accepted`` were kept.
 
         ``target_tokens`` are the target's tokens at draft positions 1..accepted+1 (the round's
         emitted tokens; fewer where the engine no longer has them, which only shortens the slot
-        counts); ``head_steps`` the head forwards the round ran.
+        counts); ``head_steps`` the head forwards the round ran; ``first`` the index in
+        ``tokens`` of ``target_tokens[0]`` (default: the next token to emit).
         """
+        first = len(self.tokens) if first is None else first
         self.draft_forwards += head_steps
         if proposed == 0:
             self.plain_forward()
@@ -154,9 +170,10 @@ class RequestAccounting:
         for j in range(min(proposed, len(self.by_pos))):
             self.by_pos[j][1] += 1
             self.by_pos[j][0] += j < accepted
-        if self.slot_of_token is not None:
+        if self.slot_rule is not None:
             for j in range(min(accepted + 1, proposed, len(target_tokens))):
-                acc_prop = self.by_slot.setdefault(self.slot_of_token[target_tokens[j]], [0, 0])
+                slot = self.slot_rule.completion_slot(first + j, target_tokens[j])
+                acc_prop = self.by_slot.setdefault(slot, [0, 0])
                 acc_prop[0] += j < accepted
                 acc_prop[1] += 1
 
@@ -181,7 +198,7 @@ def result_from_rounds(
     accepted: Sequence[int],
     proposed: Sequence[int],
     num_draft_tokens: int,
-    slot_of_token: Sequence[int] | None,
+    slot_of_token: Slots,
     *,
     queue_s: float = 0.0,
     prefill_s: float = 0.0,
@@ -203,7 +220,7 @@ def result_from_rounds(
     acct.tokens = list(tokens)
     pos = 1  # index in ``tokens`` of the round's first token
     for a, d in zip(accepted, proposed):
-        acct.round(d, a, tokens[pos : pos + a + 1] if aligned else (), head_steps=d)
+        acct.round(d, a, tokens[pos : pos + a + 1] if aligned else (), head_steps=d, first=pos)
         pos += a + 1
     for _ in range(decoded - covered):
         acct.plain_forward()

@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from padrec_vllm.catalog.constraint import ListConstraint, apply_mask, fill_mask
-from padrec_vllm.catalog.tokens import PAD_ID
+from padrec_vllm.catalog.tokens import PAD_ID, SlotRule
 from padrec_vllm.decoding.accounting import RequestAccounting
 from padrec_vllm.decoding.constrained_tree import Pending, tree_round
 from padrec_vllm.decoding.kv import TargetKV, prefill
@@ -78,7 +78,7 @@ def decode_constrained_batch(
     *,
     max_new_tokens: int,
     eos_id: int,
-    slots: list[int] | None,
+    slots: SlotRule | None,
     skip_forced: bool,
     tree: TreeSpec | None = None,
 ) -> list[RequestAccounting]:

@@ -28,11 +28,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from padrec_vllm.catalog.constraint import ListConstraint
-from padrec_vllm.catalog.tokens import EOS_ID
+from padrec_vllm.catalog.tokens import EOS_ID, SlotRule
 from padrec_vllm.decoding.constrained import decode_constrained_batch
 from padrec_vllm.decoding.kv import TargetKV, prefill
 from padrec_vllm.decoding.protocol import Drafter
-from padrec_vllm.decoding.accounting import RequestAccounting, RequestResult
+from padrec_vllm.decoding.accounting import RequestAccounting, RequestResult, slot_rule_of
 from padrec_vllm.decoding.speculative import accepted_prefix, draft_chain
 from padrec_vllm.decoding.timing import charge, clock
 from padrec_vllm.decoding.tree import TreeSpec, accept_tree, draft_tree, path_indices
@@ -47,7 +47,7 @@ def generate(
     batch_size: int,
     head: Drafter | None = None,
     num_draft_tokens: int | None = None,
-    slot_of_token: torch.Tensor | list[int] | None = None,
+    slot_of_token: SlotRule | torch.Tensor | list[int] | None = None,
     min_draft_confidence: float = 0.0,
     tree: TreeSpec | None = None,
     progress: str | None = None,
@@ -62,10 +62,10 @@ def generate(
     (``speculative.draft_chain``), which never changes the output, only the work. ``tree`` drafts
     a tree of ``tree.nodes`` candidates up to K deep each round and verifies it in one forward
     (``decoding.tree``; the head must be a ``protocol.TreeDrafter``); it excludes
-    ``min_draft_confidence``. ``slot_of_token`` [V] (default: the head's table, if any) enables
-    ``accept_by_slot``. Results are in prompt order, with figures as defined in
-    ``decoding.accounting``. ``progress``, when given, is the label of a progress bar over
-    batches.
+    ``min_draft_confidence``. ``slot_of_token`` (a ``SlotRule`` or a [V] table; default: the
+    head's rule, if any) enables ``accept_by_slot``. Results are in prompt order, with figures as
+    defined in ``decoding.accounting``. ``progress``, when given, is the label of a progress bar
+    over batches.
 
     ``constraints``: one fresh ``ListConstraint`` per prompt, advanced in place (afterwards each
     holds its request's list); None decodes unconstrained. Under constraints ``eos_id`` must be
@@ -99,8 +99,12 @@ def generate(
         if num_drafts < 1:
             raise ValueError("speculative decoding needs num_draft_tokens >= 1")
     if slot_of_token is None and head is not None:
-        slot_of_token = getattr(head, "slot_of_token", None)
-    slots = torch.as_tensor(slot_of_token).tolist() if slot_of_token is not None else None
+        slot_of_token = getattr(head, "slot_rule", None)
+        if slot_of_token is None:  # a drafter with a bare table
+            slot_of_token = getattr(head, "slot_of_token", None)
+    if isinstance(slot_of_token, torch.Tensor):
+        slot_of_token = slot_of_token.tolist()
+    slots = slot_rule_of(slot_of_token)
     results: list[RequestResult] = []
     with torch.inference_mode():
         starts = range(0, len(prompts), batch_size)
@@ -143,7 +147,7 @@ def _decode_batch(
     *,
     max_new_tokens: int,
     eos_id: int | None,
-    slots: list[int] | None,
+    slots: SlotRule | None,
     min_confidence: float,
     tree: TreeSpec | None,
 ) -> list[RequestAccounting]:

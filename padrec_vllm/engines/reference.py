@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 
 from padrec_vllm.catalog.catalog import LAYOUT_FILE, Catalog
 from padrec_vllm.catalog.constraint import CatalogTrie, ListConstraint, ListSpec
-from padrec_vllm.catalog.tokens import EOS_ID, TokenLayout
+from padrec_vllm.catalog.tokens import EOS_ID, SlotRule, TokenLayout
 from padrec_vllm.decoding.accounting import RequestResult
 from padrec_vllm.engines.api import EngineError
 from padrec_vllm.engines.config import ReferenceEngineConfig
@@ -58,7 +58,7 @@ class ReferenceEngine:
         self.config = config
         self._target = None
         self._head = None  # the decoding form of the head (``model.decoding_head``)
-        self._slots: list[int] | None = None
+        self._slots: SlotRule | None = None
         self._trie: CatalogTrie | None = None  # the catalog's, for constrained requests
         self._num_drafts = 0
         self._max_drafts = 0  # the most K ``set_schedule`` takes (the head's; 0 without it)
@@ -123,7 +123,7 @@ class ReferenceEngine:
 
             dtype = getattr(torch, c.dtype)
             self._target = load_target(c.paths.target, dtype=dtype, device=c.device)
-            self._slots = TokenLayout.load(c.paths.root / LAYOUT_FILE).slot_table()
+            self._slots = TokenLayout.load(c.paths.root / LAYOUT_FILE).slot_rule()
             self._trie = CatalogTrie.from_catalog(Catalog.load(c.paths.root))
             self._schedule = c.schedule()
             if self._schedule.max_k > 0:

@@ -16,7 +16,10 @@ What it snapshots:
     fc([emb(x); f]) = T[x] + W_f f,   T = emb.weight @ W_x^T                  # [V, H]
     padrec: T += alpha * item_emb[slot_of_token], one table T_k per draft step k:
             without a gate T_k = T + s_k; with one, the gate logit w_u . u + w_s . s_k + b_g is
-            appended as column H of T_k (T @ w_u^T + w_s . s_k + b_g) and of W_f (w_u @ W_f)
+            appended as column H of T_k (T @ w_u^T + w_s . s_k + b_g) and of W_f (w_u @ W_f);
+            under the position rule (shared format) the item term is not a function of x, so
+            it stays out of T: a per-slot table S = alpha * item_emb (with its gate column
+            S @ w_u^T) is added by slot, u = T_k[x] + S[slot] + W_f f
 
   so a gated padrec step adds only a sigmoid and an addcmul to eagle's, and the other variants
   nothing (same math, different float rounding only);
@@ -50,13 +53,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from padrec_vllm.catalog.tokens import SlotRule
 from padrec_vllm.model.config import HeadConfig
 from padrec_vllm.model.fused_layer import FusedLayer, fused_forward, fused_layer, fused_step
 from padrec_vllm.model.head import DraftHead
 from padrec_vllm.model.head_cache import HeadCache, TreeAttention
 from padrec_vllm.model.int8_linear import Int8Linear
 from padrec_vllm.model.layers import rope_cos_sin, rope_table
-from padrec_vllm.model.padrec_terms import NO_TERMS, PadRecTerms, add_padrec_terms
+from padrec_vllm.model.padrec_terms import NO_TERMS, PadRecTerms, add_padrec_terms, head_slots
 
 ApplyTerms = Callable[[torch.Tensor, torch.Tensor, PadRecTerms, int], torch.Tensor]
 Tensors = torch.Tensor | tuple[torch.Tensor, ...]
@@ -70,6 +74,7 @@ class FoldTables(NamedTuple):
     tokens: tuple[torch.Tensor, ...]
     features_t: torch.Tensor  # [H, H']: W_f^T, with (w_u @ W_f)^T appended under a gate
     step_vecs: tuple[torch.Tensor, ...] | None  # K+1 x [H], under a gate only
+    slot_rows: torch.Tensor | None = None  # [num_slots, H']: S, position rule only
 
 
 @torch.no_grad()
@@ -81,7 +86,10 @@ def fold_tables(head: DraftHead, embed_weight: torch.Tensor) -> FoldTables:
     base = embed_weight.float() @ w_x.t()  # [V, H]
     features_t = w_f.t()  # [H, H]
     terms = head.terms()
-    if terms.item_table is not None:
+    slot_rows = None
+    if terms.item_table is not None and head.by_position:
+        slot_rows = terms.item_table.float()  # [num_slots, H]
+    elif terms.item_table is not None:
         base = base + terms.item_table.float()
     step_vecs = None
     if terms.w_u is not None:  # gate: logit column, per-step constant inside
@@ -92,13 +100,17 @@ def fold_tables(head: DraftHead, embed_weight: torch.Tensor) -> FoldTables:
                   for c in terms.step_logits]
         features_t = F.pad(torch.cat((features_t, features_t @ w_u.t()), 1), (0, pad))  # [H, H']
         step_vecs = tuple(s.clone() for s in terms.step_vecs)
+        if slot_rows is not None:
+            slot_rows = F.pad(torch.cat((slot_rows, slot_rows @ w_u.t()), 1), (0, pad))
     elif terms.step_vecs is not None:  # no gate: s_k is a constant of step k
         tokens = [base + s.float() for s in terms.step_vecs]
     else:  # eagle, padrec without step embedding: one table for every step
         tokens = [base] * steps
     dtype = head.fc.weight.dtype
+    if slot_rows is not None:
+        slot_rows = slot_rows.to(dtype).contiguous()
     return FoldTables(tuple(t.to(dtype).contiguous() for t in tokens),
-                      features_t.to(dtype).contiguous(), step_vecs)
+                      features_t.to(dtype).contiguous(), step_vecs, slot_rows)
 
 
 @dataclass(frozen=True, eq=False)
@@ -106,7 +118,8 @@ class DecodingHead:
     """A draft head prepared for decoding (module docstring); build it with ``decoding_head``."""
 
     config: HeadConfig
-    slot_of_token: torch.Tensor | None  # [V], the head's
+    slot_of_token: torch.Tensor | None  # [V], the head's (-1: slot from position)
+    slot_rule: SlotRule | None  # the head's
     embed: nn.Module  # the target's input embedding the snapshot was built from
     layer: nn.Module  # the head's decoder layer, or its int8 copy
     fc: nn.Module  # the head's input projection (used where nothing is folded)
@@ -152,16 +165,18 @@ class DecodingHead:
         f = self.fused
         if f is not None and tree is None and cache.capacity <= f.cos.shape[0]:
             if input_ids.numel() == 1:  # one query: positions and tokens as ints
-                u = self._folded_token(int(input_ids), features.view(1, -1), k)  # [1, H]
-                return fused_step(f, u, int(position_ids), cache).view(1, 1, -1)  # [1, 1, H]
-            u = self._folded_input(input_ids, features, k)  # [B, T, H]
+                token, pos = int(input_ids), int(position_ids)
+                u = self._folded_token(token, pos, features.view(1, -1), k)  # [1, H]
+                return fused_step(f, u, pos, cache).view(1, 1, -1)  # [1, 1, H]
+            u = self._folded_input(input_ids, position_ids, features, k)  # [B, T, H]
             return fused_forward(f, u, position_ids, cache)  # [B, T, H]
         if self.fold is not None:
-            u = self._folded_input(input_ids, features, k)  # [B, T, H]
+            u = self._folded_input(input_ids, position_ids, features, k)  # [B, T, H]
         else:
             x = embed(input_ids).to(features.dtype)  # [B, T, H]
             u = self.fc(torch.cat((x, features), dim=-1))  # [B, T, H]
-            u = self.apply_terms(u, input_ids, self.terms, k)  # [B, T, H]
+            index = self._item_index(input_ids, position_ids)  # [B, T]
+            u = self.apply_terms(u, index, self.terms, k)  # [B, T, H]
         cos, sin = self._rope(position_ids, cache)  # [B, T, D] each
         return self.layer(u, cos, sin, position_ids, cache, None, tree)  # [B, T, H]
 
@@ -174,12 +189,27 @@ class DecodingHead:
             return hidden @ self.lm_head_t[1]  # [..., V]
         return lm_head(hidden)
 
-    def _folded_input(self, input_ids: torch.Tensor, features: torch.Tensor,
-                      k: int) -> torch.Tensor:
+    @property
+    def by_position(self) -> bool:
+        """Code tokens take their slot from their position (the shared format's rule)."""
+        return self.slot_rule is not None and self.slot_rule.kind == "position"
+
+    def _item_index(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Rows of the item table: token ids (token rule) or slots (position rule) [B, T]."""
+        if not self.by_position:
+            return input_ids
+        r = self.slot_rule
+        return head_slots(self.slot_of_token, r.period, r.offset, input_ids, position_ids)
+
+    def _folded_input(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      features: torch.Tensor, k: int) -> torch.Tensor:
         """``fc`` input plus the PAD-Rec terms from the folded tables -> u [B, T, H]."""
         t = self.fold
         b, n, h = features.shape
-        x = F.embedding(input_ids, t.tokens[k]).flatten(0, 1)  # [B*T, H']
+        x = F.embedding(input_ids, t.tokens[k])  # [B, T, H']
+        if t.slot_rows is not None:
+            x = x + F.embedding(self._item_index(input_ids, position_ids), t.slot_rows)
+        x = x.flatten(0, 1)  # [B*T, H']
         f = features.reshape(b * n, h)  # [B*T, H]
         if self.feature_proj is not None:
             u = (x + self.feature_proj(f)).view(b, n, -1)  # [B, T, H']
@@ -190,11 +220,16 @@ class DecodingHead:
         gate = torch.sigmoid(u[..., h : h + 1])  # [B, T, 1]
         return torch.addcmul(u[..., :h], gate, t.step_vecs[k])  # [B, T, H]
 
-    def _folded_token(self, token: int, feature: torch.Tensor, k: int) -> torch.Tensor:
-        """``_folded_input`` of one token: feature [1, H] -> u [1, H]."""
+    def _folded_token(self, token: int, position: int, feature: torch.Tensor,
+                      k: int) -> torch.Tensor:
+        """``_folded_input`` of one token at one position: feature [1, H] -> u [1, H]."""
         t = self.fold
         h = feature.shape[1]
-        u = torch.addmm(t.tokens[k][token : token + 1], feature, t.features_t)  # [1, H']
+        row = t.tokens[k][token : token + 1]  # [1, H']
+        if t.slot_rows is not None:
+            slot = self.slot_rule.slot(position + 1, token)  # the input sits at position p + 1
+            row = row + t.slot_rows[slot : slot + 1]  # [1, H']
+        u = torch.addmm(row, feature, t.features_t)  # [1, H']
         if t.step_vecs is None:
             return u
         return torch.addcmul(u[:, :h], torch.sigmoid(u[:, h : h + 1]), t.step_vecs[k])  # [1, H]
@@ -237,8 +272,8 @@ def decoding_head(head: DraftHead, target: nn.Module, *, int8: bool = False) -> 
         fused = fused_layer(head.layers[0], rope)
         if getattr(target.lm_head, "bias", None) is None:
             lm_head_t = (target.lm_head, target.lm_head.weight.detach().t().contiguous())
-    return DecodingHead(cfg, head.slot_of_token, embed, layer, head.fc, fold, feature_proj,
-                        terms, apply_terms, lm_head, rope, fused, lm_head_t)
+    return DecodingHead(cfg, head.slot_of_token, head.slot_rule, embed, layer, head.fc, fold,
+                        feature_proj, terms, apply_terms, lm_head, rope, fused, lm_head_t)
 
 
 def _terms_for(head: DraftHead) -> tuple[PadRecTerms, ApplyTerms]:

@@ -11,11 +11,14 @@ final norm, or the head's own output feature from the previous draft step) and t
 
     u = fc([emb(x_{p+1}); f_p])                          # emb = the target's embed_tokens (frozen)
     padrec only:
-      u = u + alpha * item_emb[slot_of_token[x_{p+1}]]    # item position
+      u = u + alpha * item_emb[slot(p + 1, x_{p+1})]      # item position (SlotRule)
       g = sigmoid(w_g . [u; s_k] + b_g), s_k = step_emb[k] # per-token scalar gate
       u = u + g * s_k                                      # draft step k (1 = verified pass)
     r = u + attn(u)                                        # no input norm; RoPE; causal
     h = r + mlp(post_attention_layernorm(r))               # no final norm
+
+The slot rule (``catalog.tokens.SlotRule``): per-level heads read the slot from the token id,
+shared-format heads read a code token's slot from its position (``padrec_terms.head_slots``).
 
 Ablations (padrec): ``use_item_emb=False`` drops alpha and item_emb; ``use_step_emb=False`` drops
 step_emb and the gate; ``use_gate=False`` drops the gate and adds ``s_k`` unscaled.
@@ -39,6 +42,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from padrec_vllm.catalog.tokens import PER_LEVEL, SlotRule
 from padrec_vllm.model.config import HeadConfig
 from padrec_vllm.model.head_cache import HeadCache, TreeAttention
 from padrec_vllm.model.layers import DecoderLayer, rope_cos_sin
@@ -47,6 +51,7 @@ from padrec_vllm.model.padrec_terms import (
     PadRecExtras,
     PadRecTerms,
     add_padrec_terms,
+    head_slots,
     padrec_terms,
 )
 
@@ -56,13 +61,28 @@ class DraftHead(nn.Module):
 
     ``forward`` serves training (no cache: causal over T, optional padding ``attention_mask``) and
     decoding (with a ``HeadCache``: attends to cached positions <= its own).
+
+    ``slot_of_token`` is the head's ``SlotRule``, or a [V] table of slots by token id (the
+    token rule of the per-level format); ``slot_rule`` is the rule either way (None without).
     """
 
-    def __init__(self, config: HeadConfig, slot_of_token: torch.Tensor | None = None) -> None:
+    def __init__(self, config: HeadConfig,
+                 slot_of_token: SlotRule | torch.Tensor | list[int] | None = None) -> None:
         super().__init__()
         self.config = config
         h = config.hidden_size
-        if slot_of_token is not None:
+        self.slot_rule: SlotRule | None = None
+        if isinstance(slot_of_token, SlotRule):
+            self.slot_rule = slot_of_token
+            if slot_of_token.num_slots != config.num_slots:
+                raise ValueError(f"the slot rule has {slot_of_token.num_slots} slots, "
+                                 f"the head {config.num_slots}")
+            slot_of_token = torch.tensor(slot_of_token.table, dtype=torch.long)
+            if slot_of_token.shape != (config.vocab_size,):
+                raise ValueError(f"slot_of_token has shape {tuple(slot_of_token.shape)}, "
+                                 f"want ({config.vocab_size},)")
+            self.register_buffer("slot_of_token", slot_of_token, persistent=False)  # [V]
+        elif slot_of_token is not None:
             slot_of_token = torch.as_tensor(slot_of_token, dtype=torch.long)
             if slot_of_token.shape != (config.vocab_size,):
                 raise ValueError(
@@ -72,6 +92,7 @@ class DraftHead(nn.Module):
             if int(slot_of_token.min()) < 0 or int(slot_of_token.max()) >= config.num_slots:
                 raise ValueError(f"slot_of_token values must lie in 0..{config.num_slots - 1}")
             self.register_buffer("slot_of_token", slot_of_token, persistent=False)  # [V]
+            self.slot_rule = SlotRule(PER_LEVEL, tuple(slot_of_token.tolist()), config.num_slots)
         elif config.has_item_emb:
             raise ValueError("a padrec head with item embeddings needs slot_of_token")
         else:
@@ -131,17 +152,30 @@ class DraftHead(nn.Module):
         x = embed(input_ids).to(features.dtype)  # [B, T, H]
         u = self.fc(torch.cat((x, features), dim=-1))  # [B, T, H]
         if self.padrec is not None:
-            u = add_padrec_terms(u, input_ids, self.terms(), k)  # [B, T, H]
+            u = add_padrec_terms(u, self.item_index(input_ids, position_ids), self.terms(), k)
         cfg = self.config
         cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, u.dtype)  # [B, T, D]
         return self.layers[0](u, cos, sin, position_ids, cache, attention_mask, tree)  # [B, T, H]
+
+    @property
+    def by_position(self) -> bool:
+        """Code tokens take their slot from their position (the shared format's rule)."""
+        return self.slot_rule is not None and self.slot_rule.kind == "position"
+
+    def item_index(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """The rows of ``terms().item_table`` for input_ids at position_ids [B, T]: the token ids
+        (token rule) or their slots (position rule, ``head_slots``) [B, T]."""
+        if not self.by_position:
+            return input_ids
+        r = self.slot_rule
+        return head_slots(self.slot_of_token, r.period, r.offset, input_ids, position_ids)
 
     def terms(self) -> PadRecTerms:
         """The parameter-only PAD-Rec terms as the parameters are now (differentiable);
         ``NO_TERMS`` for an eagle head."""
         if self.padrec is None:
             return NO_TERMS
-        return padrec_terms(self.padrec, self.config, self.slot_of_token)
+        return padrec_terms(self.padrec, self.config, self.slot_of_token, self.by_position)
 
     def logits(self, hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
         """hidden [..., H] -> logits [..., V] through the target's ``lm_head``."""

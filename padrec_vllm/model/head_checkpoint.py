@@ -8,8 +8,14 @@
 plus these fields (written for both kinds):
 - ``padrec_kind``: "eagle" | "padrec";
 - ``padrec_num_slots``, ``padrec_num_steps`` (K the head was trained for);
-- ``padrec_slot_of_token``: the full token-id -> slot table, a list of ``vocab_size`` ints
-  (omitted when the head has none, which only an eagle head may);
+- ``padrec_token_format``: "per-level" | "shared" (``catalog.tokens.TOKEN_FORMATS``; absent in
+  checkpoints from before the shared format, which are per-level);
+- ``padrec_slot_rule``: "token" (per-level: the slot is a function of the token id) |
+  "position" (shared: a code token's slot is ``(q - padrec_slot_offset) mod padrec_slot_period``
+  for its position q; ``padrec_slot_period`` = L + 1, ``padrec_slot_offset`` = 1);
+- ``padrec_slot_of_token``: the full token-id -> slot table, a list of ``vocab_size`` ints, -1
+  for the tokens whose slot comes from their position (omitted with the other slot fields when
+  the head has no rule, which only an eagle head may);
 - ``padrec_use_item_emb``, ``padrec_use_step_emb``, ``padrec_use_gate``: the ablation switches.
 
 ``model.safetensors`` holds (no ``embed_tokens``, no ``lm_head``: vLLM shares the target's):
@@ -29,6 +35,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from padrec_vllm.catalog.tokens import SlotRule
 from padrec_vllm.model.config import ARCHITECTURES, HeadConfig
 from padrec_vllm.model.head import DraftHead
 from padrec_vllm.model.skinny_linear import use_skinny_linears
@@ -94,8 +101,8 @@ def head_config_dict(head: DraftHead) -> dict:
         padrec_use_step_emb=c.use_step_emb,
         padrec_use_gate=c.use_gate,
     )
-    if head.slot_of_token is not None:
-        llama["padrec_slot_of_token"] = head.slot_of_token.tolist()
+    if head.slot_rule is not None:
+        llama.update(head.slot_rule.config_fields())
     return llama
 
 
@@ -134,8 +141,7 @@ def load_head(
         use_step_emb=raw["padrec_use_step_emb"],
         use_gate=raw["padrec_use_gate"],
     )
-    slots = raw.get("padrec_slot_of_token")
-    head = DraftHead(config, torch.tensor(slots, dtype=torch.long) if slots is not None else None)
+    head = DraftHead(config, SlotRule.from_config_fields(raw, config.num_slots))
     state = load_file(str(d / WEIGHTS_FILE))
     head.load_state_dict(state, strict=True)
     use_skinny_linears(head)

@@ -50,7 +50,7 @@ import uuid
 
 from padrec_vllm.catalog.catalog import LAYOUT_FILE
 from padrec_vllm.catalog.constraint import ListSpec
-from padrec_vllm.catalog.tokens import EOS_ID, TokenLayout
+from padrec_vllm.catalog.tokens import EOS_ID, SlotRule, TokenLayout
 from padrec_vllm.decoding.accounting import RequestResult, result_from_rounds
 from padrec_vllm.engines import EngineError, SpecSchedule, VllmEngineConfig
 from padrec_vllm.vllm_plugin.diagnostics import watched_start
@@ -68,7 +68,7 @@ class VllmEngine:
         self._num_drafts = 0
         self._max_drafts = 0  # K of the speculative config the engine started with
         self._schedule = SpecSchedule.off()  # set by ``start`` (reads the head's K)
-        self._slots: list[int] | None = None
+        self._slots: SlotRule | None = None
         self._stats_task: asyncio.Task | None = None
 
     @property
@@ -93,7 +93,7 @@ class VllmEngine:
         max_new_tokens: int,
         constraint: ListSpec | None = None,
     ) -> None:
-        self._slots = TokenLayout.load(self.config.paths.root / LAYOUT_FILE).slot_table()
+        self._slots = TokenLayout.load(self.config.paths.root / LAYOUT_FILE).slot_rule()
         self._schedule = self.config.schedule()
         self._num_drafts = self._max_drafts = self._schedule.max_k
         self._engine = await asyncio.to_thread(self._build, self._num_drafts > 0)
@@ -268,7 +268,7 @@ def speculative_config(head_dir: str, schedule: SpecSchedule, max_num_seqs: int)
 
 
 def _result(
-    final, num_drafts: int, slots: list[int] | None, wall_s: float, fixed_k: int | None = None
+    final, num_drafts: int, slots: SlotRule | None, wall_s: float, fixed_k: int | None = None
 ) -> RequestResult:
     """One vLLM ``RequestOutput`` and its per-round speculative metrics -> ``RequestResult``.
     ``num_drafts``: the engine's largest K (0: no speculation); ``fixed_k``: the K every round

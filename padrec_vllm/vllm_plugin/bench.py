@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from padrec_vllm.artifacts import ArtifactPaths
 from padrec_vllm.bench import BenchConfig, MethodRun, bench_result, bench_setup
 from padrec_vllm.catalog.constraint import ListSpec
-from padrec_vllm.catalog.tokens import EOS_ID
+from padrec_vllm.catalog.tokens import EOS_ID, SlotRule
 from padrec_vllm.decoding import result_from_rounds
 from padrec_vllm.vllm_plugin.diagnostics import watched_start
 
@@ -56,7 +56,7 @@ def run_method(
     batch_size: int,
     limit: int,
     k: int,
-    slots: list[int] | None,
+    slots: SlotRule | None,
     enforce_eager: bool,
     specs: list[ListSpec] | None = None,
     catalog_dir: Path | None = None,
@@ -137,7 +137,7 @@ def run_vllm_bench(cfg: BenchConfig, *, enforce_eager: bool = False) -> dict:
     from padrec_vllm.vllm_plugin import register
 
     register()  # the padrec head's architecture, in this process too
-    slots = setup.catalog.layout.slot_table()
+    slots = setup.catalog.layout.slot_rule()
     k = setup.num_draft_tokens
     names = list(dict.fromkeys(["ar", *cfg.methods]))
     runs = {
