@@ -18,7 +18,8 @@ What is checked (docs/ARTIFACTS.md, "The artifacts check"):
   vocabulary is the token layout's, token for token);
 - each head in ``heads``: ``config.json`` is a padrec-vllm head of the kind its name says, in
   the target's space (hidden size, vocabulary, special-token ids), with the layout's number of
-  slots and its slot table; ``model.safetensors`` holds exactly the tensors of that config
+  slots, token format (``padrec_token_format``: a head trained for the other format is
+  refused), slot rule and slot table; ``model.safetensors`` holds exactly the tensors of that config
   (``model.head_checkpoint.weight_shapes``), data complete.
 """
 
@@ -32,7 +33,14 @@ from types import SimpleNamespace
 
 from padrec_vllm.artifacts import ArtifactPaths
 from padrec_vllm.catalog.catalog import CATALOG_FILE, LAYOUT_FILE
-from padrec_vllm.catalog.tokens import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, TokenLayout
+from padrec_vllm.catalog.tokens import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    PER_LEVEL,
+    SPECIAL_TOKENS,
+    TokenLayout,
+)
 from padrec_vllm.errors import UserError
 from padrec_vllm.model.config import ARCHITECTURES, HEAD_KINDS, HEAD_VARIANTS, HeadConfig
 from padrec_vllm.model.head_checkpoint import WEIGHTS_FILE, weight_shapes
@@ -196,6 +204,7 @@ def check_head(paths: ArtifactPaths, name: str, layout: TokenLayout, target: dic
     if slots != layout.num_slots:
         raise UserError(f"{path}: padrec_num_slots is {slots}, the token layout "
                         f"({paths.root / LAYOUT_FILE}) has {layout.num_slots}")
+    _same_format(path, raw, layout, paths.root / LAYOUT_FILE)
     if "padrec_slot_of_token" in raw:
         _same_slots(path, raw["padrec_slot_of_token"], layout,
                     f"the token layout ({paths.root / LAYOUT_FILE}) gives")
@@ -311,6 +320,23 @@ def _special_ids(path: Path, config: dict) -> None:
         got = config.get(key)
         if got is not None and got != want:
             raise UserError(f"{path}: {key} is {got}, the token format has {want}")
+
+
+def _same_format(path: Path, raw: dict, layout: TokenLayout, layout_file: Path) -> None:
+    """The head's token format and slot rule (``padrec_token_format``, ``padrec_slot_rule``,
+    period and offset; absent = per-level, token rule) are the token layout's."""
+    fmt = raw.get("padrec_token_format", PER_LEVEL)
+    if fmt != layout.token_format:
+        raise UserError(f"{path}: a head for the {fmt} token format, the target's tokenizer and "
+                        f"token layout ({layout_file}) are {layout.token_format}; train the head "
+                        f"on this build")
+    rule = layout.slot_rule()
+    fields = rule.config_fields()
+    for key in ("padrec_slot_rule", "padrec_slot_period", "padrec_slot_offset"):
+        got, want = raw.get(key, "token" if key == "padrec_slot_rule" else None), fields.get(key)
+        if "padrec_slot_of_token" in raw and got != want:
+            raise UserError(f"{path}: {key} is {got!r}, the {fmt} token layout ({layout_file}) "
+                            f"gives {want!r}")
 
 
 def _same_slots(path: Path, table, layout: TokenLayout, what: str) -> None:

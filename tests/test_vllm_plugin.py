@@ -20,6 +20,7 @@ pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
 import padrec_vllm.vllm_plugin as plugin  # noqa: E402
+from padrec_vllm.catalog.tokens import FROM_POSITION, SHARED, SlotRule  # noqa: E402
 from padrec_vllm.model.config import PADREC_ARCHITECTURE, HeadConfig  # noqa: E402
 from padrec_vllm.model.head import DraftHead  # noqa: E402
 from padrec_vllm.model.head_checkpoint import save_head  # noqa: E402
@@ -190,8 +191,15 @@ def test_v2_hook_binds_current_draft_step():
 # --- the PAD-Rec terms of the vLLM model against the reference head ----------------------------
 
 
-def _reference_head(tmp_path, **switches) -> tuple[DraftHead, object]:
-    """A reference padrec head with random (non-initial) weights and its checkpoint config."""
+def _shared_rule() -> SlotRule:
+    """The position rule of a shared-format vocabulary of 40 tokens, 3 SID levels."""
+    table = [4, 4, 4, 4, 3] + [FROM_POSITION] * 35
+    return SlotRule(SHARED, tuple(table), num_slots=5, period=4)
+
+
+def _reference_head(tmp_path, shared: bool = False, **switches) -> tuple[DraftHead, object]:
+    """A reference padrec head with random (non-initial) weights and its checkpoint config;
+    ``shared``: with the shared format's position rule instead of a random token table."""
     from transformers import LlamaConfig
 
     cfg = HeadConfig(kind="padrec", hidden_size=32, intermediate_size=64, num_attention_heads=2,
@@ -200,7 +208,7 @@ def _reference_head(tmp_path, **switches) -> tuple[DraftHead, object]:
                      **switches)
     gen = torch.Generator().manual_seed(0)
     slots = torch.randint(0, 5, (40,), generator=gen)
-    head = DraftHead(cfg, slots)
+    head = DraftHead(cfg, _shared_rule() if shared else slots)
     with torch.no_grad():
         for p in head.padrec.parameters():
             p.copy_(torch.randn(p.shape, generator=gen))
@@ -232,13 +240,16 @@ def _vllm_terms(head: DraftHead, config, drop: tuple[str, ...] = ()):
 SWITCHES = [{}, {"use_gate": False}, {"use_step_emb": False}, {"use_item_emb": False}]
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["per-level", "shared"])
 @pytest.mark.parametrize("switches", SWITCHES, ids=["full", "no_gate", "no_step", "no_item"])
-def test_padrec_terms_match_reference_on_both_runners(tmp_path, switches):
-    head, config = _reference_head(tmp_path, **switches)
+def test_padrec_terms_match_reference_on_both_runners(tmp_path, switches, shared):
+    head, config = _reference_head(tmp_path, shared, **switches)
     terms, outer = _vllm_terms(head, config)
     gen = torch.Generator().manual_seed(1)
     u = torch.randn(7, 32, generator=gen)  # [T, H]
     ids = torch.randint(0, 40, (7,), generator=gen)  # [T]
+    pos = torch.randint(0, 100, (7,), generator=gen)  # [T]
+    index = head.item_index(ids[None], pos[None])  # [1, T]: the reference's item-table rows
     counter = torch.tensor(0, dtype=torch.int64)  # the V2 speculator's current_draft_step
     # the same terms; the step logit w_s . s_k + b_g is an H-term sum computed for one step here
     # and for all steps at once in the reference, then a sigmoid and a multiply-add follow
@@ -246,15 +257,15 @@ def test_padrec_terms_match_reference_on_both_runners(tmp_path, switches):
     with torch.no_grad():
         ref = head.terms()
         for k in range(1, head.num_steps + 2):  # K + 1 reuses step K, as the reference does
-            want = add_padrec_terms(u[None], ids[None], ref, head.config.step_row(k))[0]
+            want = add_padrec_terms(u[None], index, ref, head.config.step_row(k))[0]
             outer.set_draft_index(k - 1)  # V1: written before the forward
-            assert_close_to_rounding(terms(u, ids), want, sums)
-            assert_close_to_rounding(terms(u, ids.int()), want, sums)  # V1 passes int32 ids
+            assert_close_to_rounding(terms(u, ids, pos), want, sums)
+            assert_close_to_rounding(terms(u, ids.int(), pos), want, sums)  # V1: int32 ids
         outer.bind_draft_index(counter)  # V2: the model reads the speculator's tensor
         for k in range(1, head.num_steps + 1):
             counter.fill_(k - 1)
-            want = add_padrec_terms(u[None], ids[None], ref, head.config.step_row(k))[0]
-            assert_close_to_rounding(terms(u, ids), want, sums)
+            want = add_padrec_terms(u[None], index, ref, head.config.step_row(k))[0]
+            assert_close_to_rounding(terms(u, ids, pos), want, sums)
     assert outer.draft_index is counter
 
 
@@ -335,3 +346,51 @@ def test_spin_condition_is_what_the_drain_relies_on():
     assert "zmq.CONFLATE" in init and "self.local_notify_socket" in init
     plugin.register()
     assert getattr(shm_broadcast.SpinCondition.record_read, patching.HOOK_MARK, False)
+
+
+def test_shared_head_on_a_shared_target_is_accepted_and_reads_slots_from_positions(tmp_path):
+    from padrec_vllm.vllm_plugin.model import PadRecSettings, PadRecTerms
+
+    _, config = _reference_head(tmp_path, shared=True)
+    settings = PadRecSettings(config)
+    assert (settings.slot_rule, settings.period, settings.offset) == (_shared_rule(), 4, 1)
+    terms = PadRecTerms(settings, config.hidden_size)
+    with torch.no_grad():
+        terms.alpha.fill_(1.0)
+        terms.item_emb.weight.copy_(torch.eye(5, 32))  # slot s -> unit vector s
+    ids = torch.tensor([7, 7, 7, 7, 4, 2, 9])  # code tokens, then <sep>, <eos>, a code token
+    pos = torch.tensor([0, 1, 2, 3, 10, 11, 40])
+    u = torch.zeros(7, 32)
+    settings.use_step_emb = settings.use_gate = False  # the item term alone
+    slots = terms(u, ids, pos)[:, :5].argmax(-1).tolist()
+    # the input at position p sits at p + 1: slot (p + 1 - 1) mod 4 for code tokens
+    assert slots == [0, 1, 2, 3, 3, 4, 0]
+
+
+def _fake_tokenizer_dir(tmp_path, layout) -> str:
+    from padrec_vllm.catalog.tokenizer import save_tokenizer
+
+    out = tmp_path / "tok"
+    save_tokenizer(layout, out)
+    return str(out)
+
+
+@pytest.mark.parametrize("shared_head", [False, True], ids=["per-level head", "shared head"])
+def test_head_for_the_other_format_is_refused_at_load(tmp_path, shared_head):
+    from padrec_vllm.catalog.tokens import TokenLayout
+    from padrec_vllm.vllm_plugin.model import PadRecSettings, check_target_vocabulary
+
+    # both vocabularies have 40 tokens, so only the format tells them apart
+    per_level = TokenLayout((12, 12, 11))  # 5 + 35 tokens, 3 levels
+    shared = TokenLayout((35, 35, 35), "shared")  # 5 + 35 tokens, 3 levels
+    assert per_level.vocab_size == shared.vocab_size == 40
+    head_layout, other = (shared, per_level) if shared_head else (per_level, shared)
+    _, config = _reference_head(tmp_path, shared=shared_head)
+    config.padrec_slot_of_token = list(head_layout.slot_table())
+    settings = PadRecSettings(config)
+    fits = SimpleNamespace(tokenizer=_fake_tokenizer_dir(tmp_path / "a", head_layout))
+    check_target_vocabulary(settings, fits)  # does not raise
+    wrong = SimpleNamespace(tokenizer=_fake_tokenizer_dir(tmp_path / "b", other))
+    fmt = "shared" if shared_head else "per-level"
+    with pytest.raises(ValueError, match=f"for the {fmt} token format and does not fit"):
+        check_target_vocabulary(settings, wrong)

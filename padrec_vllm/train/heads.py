@@ -171,7 +171,7 @@ def train_head(target, catalog: Catalog, data: DistillSet, cfg: HeadTrainConfig,
     hcfg = HeadConfig.from_target(target.config, cfg.kind, num_slots=catalog.layout.num_slots,
                                   num_steps=cfg.num_steps, use_item_emb=cfg.use_item_emb,
                                   use_step_emb=cfg.use_step_emb, use_gate=cfg.use_gate)
-    head = DraftHead(hcfg, catalog.layout.slot_tensor()).to(device).train()
+    head = DraftHead(hcfg, catalog.layout.slot_rule()).to(device).train()
     for p in target.parameters():
         p.requires_grad_(False)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))

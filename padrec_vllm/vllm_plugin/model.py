@@ -5,7 +5,7 @@ https://github.com/vllm-project/vllm/blob/v0.32.0/vllm/model_executor/models/lla
 adds, between ``fc`` and the decoder layer, the PAD-Rec terms of ``padrec_vllm.model.head``::
 
     u = fc([emb(x_{p+1}); f_p])                               # stock EAGLE-1
-    u = u + alpha * item_emb[slot_of_token[x_{p+1}]]          # item position
+    u = u + alpha * item_emb[slot(p + 1, x_{p+1})]            # item position
     u = u + sigmoid(w_g . [u; s_k] + b_g) * s_k, s_k = step_emb[k]   # draft step k
 
 vLLM never tells a draft model its step. The model reads ``draft_index`` (a 0-dim int64 device
@@ -13,6 +13,13 @@ tensor: 0 for the pass over verified tokens, then 1..K-1) and uses ``k = draft_i
 at the number of steps the head was trained for. ``padrec_vllm.vllm_plugin.step`` keeps it
 current: on the V1 runner it writes the proposer's ``draft_index`` before every draft forward; on
 the V2 runner it makes ``draft_index`` the speculator's own ``current_draft_step`` tensor.
+
+The slot of x_{p+1} comes from the head's slot rule (``catalog.tokens.SlotRule``): the token ->
+slot table for the per-level format; for the shared format's code tokens, the draft forward's
+own ``positions`` argument (the input at position p sits at p + 1; ``padrec_terms.head_slots``,
+the function the reference head calls), so no new vLLM patch point is needed. At load the head's
+token format is checked against the target's tokenizer (``check_target_vocabulary``): a head
+trained for the other format is refused with one error.
 
 Every PAD-Rec setting comes from the head's ``config.json`` (``padrec_*`` fields, see
 ``padrec_vllm.model.head_checkpoint``); weights keep the checkpoint's names.
@@ -35,7 +42,12 @@ from vllm.model_executor.models.utils import (
     process_eagle_weight,
 )
 
+from padrec_vllm.catalog.tokens import SlotRule
 from padrec_vllm.model.config import PADREC_ARCHITECTURE
+from padrec_vllm.model.padrec_terms import head_slots
+
+SLOT_FIELDS = ("padrec_token_format", "padrec_slot_rule", "padrec_slot_of_token",
+               "padrec_slot_period", "padrec_slot_offset")
 
 # checkpoint name -> vLLM name; the stacked q/k/v and gate/up renames are the inner model's
 # (``LlamaModel.hf_to_vllm_mapper``); the shared target's ``lm_head`` keeps its name.
@@ -62,14 +74,45 @@ class PadRecSettings:
         self.use_item_emb = bool(field("padrec_use_item_emb"))
         self.use_step_emb = bool(field("padrec_use_step_emb"))
         self.use_gate = self.use_step_emb and bool(field("padrec_use_gate"))
-        slots = getattr(config, "padrec_slot_of_token", None)
-        self.slot_of_token = torch.tensor(slots, dtype=torch.long) if slots is not None else None
+        raw = {k: getattr(config, k) for k in SLOT_FIELDS if hasattr(config, k)}
+        try:
+            self.slot_rule = SlotRule.from_config_fields(raw, self.num_slots)
+        except ValueError as exc:
+            raise ValueError(f"padrec_slot_of_token / slot rule: {exc}") from None
+        rule = self.slot_rule
+        self.slot_of_token = torch.tensor(rule.table, dtype=torch.long) if rule else None
         if self.use_item_emb:
             if self.slot_of_token is None or self.slot_of_token.shape != (config.vocab_size,):
                 raise ValueError(f"padrec_slot_of_token must list a slot for each of the "
                                  f"{config.vocab_size} tokens")
-            if int(self.slot_of_token.min()) < 0 or int(self.slot_of_token.max()) >= self.num_slots:
-                raise ValueError(f"padrec_slot_of_token values must lie in 0..{self.num_slots - 1}")
+
+    @property
+    def period(self) -> int:
+        """The slot period of the position rule; 0 under the token rule."""
+        return self.slot_rule.period if self.slot_rule is not None else 0
+
+    @property
+    def offset(self) -> int:
+        return self.slot_rule.offset if self.slot_rule is not None else 1
+
+
+def check_target_vocabulary(settings: PadRecSettings, model_config) -> None:
+    """Refuse (ValueError) a head whose token format disagrees with the target's tokenizer
+    (``model_config.tokenizer``, vLLM's target model config): the vocabulary must be the one the
+    head's slot rule describes (``SlotRule.vocabulary_problem``). A head without a slot table
+    (no item embedding, written before the shared format) has nothing to check."""
+    rule = settings.slot_rule
+    if rule is None:
+        return
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer)
+    strings = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    problem = rule.vocabulary_problem(strings)
+    if problem is not None:
+        raise ValueError(f"the PAD-Rec draft head is for the {rule.token_format} token format and "
+                         f"does not fit the target's tokenizer ({model_config.tokenizer}): "
+                         f"{problem}")
 
 
 class PadRecTerms(nn.Module):
@@ -91,11 +134,14 @@ class PadRecTerms(nn.Module):
         index = torch.zeros((), dtype=torch.long)  # []
         self.register_buffer("draft_index", index, persistent=False)
 
-    def forward(self, u: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """u [T, H] (the output of ``fc``), input_ids [T] (x_{p+1}) -> u [T, H] with both terms."""
+    def forward(self, u: torch.Tensor, input_ids: torch.Tensor,
+                positions: torch.Tensor) -> torch.Tensor:
+        """u [T, H] (the output of ``fc``), input_ids [T] (x_{p+1}), positions [T] (p) -> u [T, H]
+        with both terms."""
         s = self.settings
         if s.use_item_emb:
-            slots = self.slot_of_token[input_ids]  # [T]
+            slots = head_slots(self.slot_of_token, s.period, s.offset, input_ids,
+                               positions)  # [T]
             u = u + self.alpha * F.embedding(slots, self.item_emb.weight)  # [T, H]
         if s.use_step_emb:
             k = (self.draft_index + 1).clamp(max=s.num_steps).reshape(1)  # [1]: draft step
@@ -117,7 +163,9 @@ class PadRecLlamaModel(LlamaModel):
         self, *, vllm_config: VllmConfig, prefix: str = "", start_layer_id: int = 0
     ) -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, start_layer_id=start_layer_id)
-        self.padrec = PadRecTerms(PadRecSettings(self.config), self.config.hidden_size)
+        settings = PadRecSettings(self.config)
+        check_target_vocabulary(settings, vllm_config.model_config)
+        self.padrec = PadRecTerms(settings, self.config.hidden_size)
 
     def forward(
         self,
@@ -127,7 +175,7 @@ class PadRecLlamaModel(LlamaModel):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         input_embeds = self.embed_tokens(input_ids)  # [T, H]
         u = self.fc(torch.cat((input_embeds, hidden_states), dim=-1))  # [T, H]
-        u = self.padrec(u, input_ids)  # [T, H]
+        u = self.padrec(u, input_ids, positions)  # [T, H]
         residual = None
         for layer in self.layers:
             u, residual = layer(positions, u, residual)
