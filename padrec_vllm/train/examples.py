@@ -1,7 +1,8 @@
 """List-wise training examples: the last H history items -> the next N items.
 
 For each user's training prefix ``seq`` and each cut point ``t`` (1 <= t < len(seq)):
-prompt = ``<bos> h <sep> ... <sep> <rec>`` over ``seq[max(0, t-H):t]``, completion =
+prompt = ``Catalog.prompt_ids`` over ``seq[max(0, t-H):t]`` (``<bos> h <sep> ... <sep> <rec>``;
+the shared token format ends ``... h <rec>``), completion =
 ``r1 <sep> ... rm <sep>`` over ``seq[t:t+N]``, followed by ``<eos>`` only when the list is full
 (m == N): a shorter list was cut by the end of the data, not ended by the user, so the model is
 never taught to stop early. Loss is on the completion only.
