@@ -1,4 +1,5 @@
-"""Shared fixtures: a synthetic dataset and one tiny build (catalog + target) per test session.
+"""Shared fixtures: a synthetic dataset and one tiny build (catalog + target) per test session,
+and one more in the shared token format.
 
 ``tests/`` (helper modules) and the repository root (``benchmarks``, the dev-only helpers that
 are not installed) are put on ``sys.path``."""
@@ -66,6 +67,18 @@ def tiny_artifacts(synth_data_dir, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("artifacts") / "tiny"
     build(NAME, get_preset("tiny"), out, data_dir=str(synth_data_dir), embedding="attributes")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_shared_artifacts(synth_data_dir, tmp_path_factory) -> Path:
+    """``tiny_artifacts`` in the shared token format (``padrec build --token-format shared``)."""
+    from padrec_vllm.pipeline import build
+    from padrec_vllm.presets import get_preset
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-shared"
+    build(NAME, get_preset("tiny"), out, data_dir=str(synth_data_dir), embedding="attributes",
+          token_format="shared")
     return out
 
 
