@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 
 def rss_anon_mb() -> float:
@@ -67,7 +68,24 @@ def main() -> None:
                 ops.onednn_mm(layer, x, None)  # [M, N]
         now = rss_anon_mb()
         print(f"{32 * (block + 1):>10}  {now:>10.0f}  {now - base:>+9.0f}", flush=True)
-
+    # Cost of a GEMM whose primitive the layer's LRU lacks (from oneDNN's cache when that still
+    # holds it, else created anew) against the same GEMM once the LRU holds it: M = 33..64, seen
+    # in the first block, then displaced from every LRU by M = 1..32.
+    xs = {m: torch.randn(m, args.k) for m in range(1, 65)}  # [M, K]
+    timings = []
+    for _ in range(5):
+        for m in range(1, 33):
+            for layer in layers:
+                ops.onednn_mm(layer, xs[m], None)
+        for _ in ("outside the LRU", "in the LRU"):
+            t0 = time.perf_counter()
+            for m in range(33, 65):
+                for layer in layers:
+                    ops.onednn_mm(layer, xs[m], None)
+            timings.append((time.perf_counter() - t0) / (32 * len(layers)))
+    fetched, held = min(timings[0::2]), min(timings[1::2])
+    print(f"per GEMM, M = 33..64: {1e3 * fetched:.3f} ms when the layer's LRU lacks the primitive, "
+          f"{1e3 * held:.3f} ms when it holds it (best of 5)")
 
 if __name__ == "__main__":
     main()
