@@ -68,9 +68,11 @@ def main() -> None:
                 ops.onednn_mm(layer, x, None)  # [M, N]
         now = rss_anon_mb()
         print(f"{32 * (block + 1):>10}  {now:>10.0f}  {now - base:>+9.0f}", flush=True)
-    # Cost of a GEMM whose primitive the layer's LRU lacks (from oneDNN's cache when that still
-    # holds it, else created anew) against the same GEMM once the LRU holds it: M = 33..64, seen
-    # in the first block, then displaced from every LRU by M = 1..32.
+    # Cost of a GEMM whose primitive the layer's LRU lacks against the same GEMM once the LRU
+    # holds it: M = 33..64 (the second block's shapes), after M = 1..32 displaced them from every
+    # layer's LRU. Best of 5: from the second round on, oneDNN's cache holds them unless its
+    # capacity is 0, so the first figure is a fetch from that cache, or with capacity 0 the cost
+    # of creating the primitive again.
     xs = {m: torch.randn(m, args.k) for m in range(1, 65)}  # [M, K]
     timings = []
     for _ in range(5):
@@ -86,6 +88,7 @@ def main() -> None:
     fetched, held = min(timings[0::2]), min(timings[1::2])
     print(f"per GEMM, M = 33..64: {1e3 * fetched:.3f} ms when the layer's LRU lacks the primitive, "
           f"{1e3 * held:.3f} ms when it holds it (best of 5)")
+
 
 if __name__ == "__main__":
     main()

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from build_users import build_users  # noqa: E402  (tests/build_users.py)
 from padrec_vllm.artifacts import ArtifactPaths
 from padrec_vllm.artifacts_check import check_artifacts
 from padrec_vllm.catalog.catalog import LAYOUT_FILE, Catalog
@@ -38,11 +39,10 @@ from padrec_vllm.catalog.tokens import (
     SlotRule,
     TokenLayout,
 )
-from padrec_vllm.data.s3rec import leave_one_out, load_dataset
 from padrec_vllm.decoding import generate
 from padrec_vllm.decoding.tree import TreeSpec
 from padrec_vllm.errors import UserError
-from padrec_vllm.eval.evaluate import max_new_tokens, sample_test_users
+from padrec_vllm.eval.evaluate import max_new_tokens
 from padrec_vllm.model.config import HeadConfig
 from padrec_vllm.model.decoding_head import decoding_head
 from padrec_vllm.model.head import DraftHead
@@ -251,13 +251,9 @@ def test_shared_head_checkpoint_round_trip(tmp_path):
 
 @pytest.fixture(scope="module")
 def shared_setup(tiny_shared_artifacts, synth_data_dir):
-    paths = ArtifactPaths(tiny_shared_artifacts)
-    info = paths.read_build_info()
-    preset = get_preset(info["preset"])
-    catalog = Catalog.load(tiny_shared_artifacts)
-    split = leave_one_out(load_dataset(info["dataset"], str(synth_data_dir)).sequences)
-    users = sample_test_users(split, catalog, preset.history, None)
-    prompts = [list(p) for p in users.prompts][:24]
+    b = build_users(tiny_shared_artifacts, synth_data_dir)
+    paths, preset, catalog = b.paths, b.preset, b.catalog
+    prompts = b.prompts[:24]
     prompts += [catalog.prompt_ids([], preset.history)]  # an empty history too
     target = load_target(paths.target, dtype=torch.float32)
     return paths, preset, catalog, prompts, target

@@ -30,17 +30,15 @@ pytestmark = pytest.mark.vllm
 
 import cloudpickle  # noqa: E402  (a vLLM dependency)
 
+from build_users import build_users  # noqa: E402  (tests/build_users.py)
 from padrec_vllm.artifacts import ArtifactPaths  # noqa: E402
-from padrec_vllm.catalog.catalog import Catalog  # noqa: E402
 from padrec_vllm.catalog.tokens import EOS_ID  # noqa: E402
-from padrec_vllm.data.s3rec import leave_one_out, load_dataset  # noqa: E402
 from padrec_vllm.decoding import aggregate, generate  # noqa: E402
-from padrec_vllm.eval.evaluate import max_new_tokens, sample_test_users  # noqa: E402
+from padrec_vllm.eval.evaluate import max_new_tokens  # noqa: E402
 from padrec_vllm.model.config import ARCHITECTURES  # noqa: E402
 from padrec_vllm.model.decoding_head import decoding_head  # noqa: E402
 from padrec_vllm.model.head_checkpoint import load_head  # noqa: E402
 from padrec_vllm.model.target import load_target  # noqa: E402
-from padrec_vllm.presets import get_preset  # noqa: E402
 from tiny_models import assert_close_to_rounding  # noqa: E402
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # probes travel by value
@@ -129,15 +127,9 @@ def vllm_artifacts(tiny_artifacts, synth_data_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def workload(vllm_artifacts, synth_data_dir) -> Workload:
-    paths = ArtifactPaths(vllm_artifacts)
-    info = paths.read_build_info()
-    preset = get_preset(info["preset"])
-    catalog = Catalog.load(vllm_artifacts)
-    split = leave_one_out(load_dataset(info["dataset"], str(synth_data_dir)).sequences)
-    users = sample_test_users(split, catalog, preset.history, None)
-    return Workload(paths.target, {h: paths.head(h) for h in HEADS},
-                    [list(p) for p in users.prompts], max_new_tokens(catalog, preset.list_len),
-                    preset.num_draft_tokens)
+    b = build_users(vllm_artifacts, synth_data_dir)
+    return Workload(b.paths.target, {h: b.paths.head(h) for h in HEADS}, b.prompts,
+                    max_new_tokens(b.catalog, b.preset.list_len), b.preset.num_draft_tokens)
 
 
 def _spec_counters(llm) -> dict:

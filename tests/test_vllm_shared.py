@@ -23,15 +23,12 @@ pytestmark = pytest.mark.vllm
 
 import cloudpickle  # noqa: E402  (a vLLM dependency)
 
-from padrec_vllm.artifacts import ArtifactPaths  # noqa: E402
-from padrec_vllm.catalog.catalog import Catalog  # noqa: E402
+from build_users import build_users  # noqa: E402  (tests/build_users.py)
 from padrec_vllm.catalog.tokens import EOS_ID  # noqa: E402
-from padrec_vllm.data.s3rec import leave_one_out, load_dataset  # noqa: E402
 from padrec_vllm.decoding import generate  # noqa: E402
-from padrec_vllm.eval.evaluate import max_new_tokens, sample_test_users  # noqa: E402
+from padrec_vllm.eval.evaluate import max_new_tokens  # noqa: E402
 from padrec_vllm.model.padrec_terms import head_slots  # noqa: E402
 from padrec_vllm.model.target import load_target  # noqa: E402
-from padrec_vllm.presets import get_preset  # noqa: E402
 from test_shared_format import grammar_slots  # noqa: E402
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # probes travel by value
@@ -64,13 +61,9 @@ def shared_run(tiny_shared_artifacts, synth_data_dir):
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    paths = ArtifactPaths(tiny_shared_artifacts)
-    info = paths.read_build_info()
-    preset = get_preset(info["preset"])
-    catalog = Catalog.load(paths.root)
-    split = leave_one_out(load_dataset(info["dataset"], str(synth_data_dir)).sequences)
-    users = sample_test_users(split, catalog, preset.history, None)
-    prompts = [list(p) for p in users.prompts][:32] + [catalog.prompt_ids([], preset.history)]
+    b = build_users(tiny_shared_artifacts, synth_data_dir)
+    paths, preset, catalog = b.paths, b.preset, b.catalog
+    prompts = b.prompts[:32] + [catalog.prompt_ids([], preset.history)]
     limit = max_new_tokens(catalog, preset.list_len)
     plain = generate(load_target(paths.target, dtype=torch.float32), prompts,
                      max_new_tokens=limit, eos_id=EOS_ID, batch_size=16)
