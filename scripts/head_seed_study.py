@@ -11,12 +11,15 @@ The JSON is rewritten after every head, so a run cut short keeps what it finishe
         --seeds 0,1,2 --users 2000 --device cuda --json runs/study-eagle-padrec.json
     python scripts/head_seed_study.py --merge runs/study-*.json --json docs/results/X.json \
         --plot X.png
+    python scripts/head_seed_study.py --compare per-level.json shared.json --json OUT.json \
+        --plot OUT.png   # merged studies of one dataset on two token formats, side by side
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import time
 from dataclasses import replace
@@ -25,12 +28,10 @@ from pathlib import Path
 import torch
 
 from padrec_vllm.artifacts import ArtifactPaths
-from padrec_vllm.bench import bench_users
-from padrec_vllm.catalog.catalog import Catalog
+from padrec_vllm.bench import BenchConfig, bench_setup, format_table, run_reference_bench
 from padrec_vllm.catalog.tokens import EOS_ID
 from padrec_vllm.data.s3rec import leave_one_out, load_dataset
 from padrec_vllm.decoding import aggregate, generate, identical_output_rate
-from padrec_vllm.eval.evaluate import max_new_tokens
 from padrec_vllm.model.config import HEAD_VARIANTS
 from padrec_vllm.model.decoding_head import decoding_head
 from padrec_vllm.model.head_checkpoint import load_head
@@ -49,15 +50,18 @@ def run_study(args) -> None:
             head_steps=args.steps or preset.head_steps,
             head_users=args.head_users or preset.head_users,
         )
-    catalog = Catalog.load(paths.root)
+    # the bench's users, token budget and (unless --unconstrained) catalog constraint
+    setup = bench_setup(BenchConfig(paths.root, ("ar",), args.users, 1, device=args.device,
+                                    data_dir=args.data_dir, constrained=not args.unconstrained))
+    catalog = setup.catalog
     split = leave_one_out(load_dataset(info["dataset"], args.data_dir).sequences)
     target = load_target(paths.target, device=args.device)
-    limit = max_new_tokens(catalog, preset.list_len)
-    users = bench_users(split, catalog, preset.history, args.users)
-    prompts = [list(p) for p in users.prompts]
+    limit = setup.limit
+    prompts = setup.prompts
     batch = 256 if args.device.startswith("cuda") else 16
     plain = generate(
-        target, prompts, max_new_tokens=limit, eos_id=EOS_ID, batch_size=batch, progress="plain"
+        target, prompts, max_new_tokens=limit, eos_id=EOS_ID, batch_size=batch,
+        constraints=setup.constraints(), progress="plain",
     )
     t0 = time.perf_counter()
     data = build_distill_set(
@@ -70,6 +74,8 @@ def run_study(args) -> None:
     out = {
         "dataset": info["dataset"],
         "preset": preset.name,
+        "token_format": catalog.layout.token_format,
+        "constrained": setup.trie is not None,
         "users": len(prompts),
         "k": preset.num_draft_tokens,
         "head_steps": preset.head_steps,
@@ -79,6 +85,7 @@ def run_study(args) -> None:
         "runs": [],
     }
     names = catalog.layout.slot_labels()
+    heads: dict[str, Path] = {}
     for seed in args.seeds:
         for variant in args.variants:
             unroll = args.train_unroll or preset.num_draft_tokens
@@ -90,6 +97,7 @@ def run_study(args) -> None:
             )
             head_dir = Path(args.heads_out) / f"{variant}{tag}-s{seed}"
             rep = train_head(target, catalog, data, cfg, head_dir, args.device)
+            heads[head_dir.name] = head_dir
             head = load_head(head_dir, device=args.device, dtype=torch.float32).eval()
             res = generate(
                 target,
@@ -99,6 +107,7 @@ def run_study(args) -> None:
                 batch_size=batch,
                 head=decoding_head(head, target),
                 num_draft_tokens=preset.num_draft_tokens,
+                constraints=setup.constraints(),
                 progress=f"decode {variant} s{seed}",
             )
             agg = aggregate(res)
@@ -106,6 +115,7 @@ def run_study(args) -> None:
                 {
                     "variant": variant + tag,
                     "seed": seed,
+                    "head": head_dir.name,
                     "train_unroll": unroll,
                     "step_decay": cfg.step_decay,
                     "train_s": rep.seconds,
@@ -124,27 +134,62 @@ def run_study(args) -> None:
             )
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    if args.bench_users:
+        timed = bench_side_by_side(paths, heads, args)
+        for r in out["runs"]:
+            m = timed["methods"][r["head"]]
+            r["speedup"] = m["speedup"]
+            r["bench_tau"] = m["tau"]
+            r["head_forward_ms"] = m.get("head_forward_ms")
+        out["bench"] = {k: v for k, v in timed.items() if k != "methods"} | {
+            "ar": timed["methods"]["ar"]}
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+
+
+def bench_side_by_side(paths: ArtifactPaths, heads: dict[str, Path], args) -> dict:
+    """``padrec bench`` (reference engine, batch 1) of plain decoding and every study head in one
+    run, methods interleaved per user: a view of the artifacts (symlinks) whose ``heads/`` holds
+    the study's heads, so each head's speedup is measured side by side with the others."""
+    view = Path(args.heads_out) / "view"
+    if view.exists():
+        shutil.rmtree(view)
+    (view / "heads").mkdir(parents=True)
+    for entry in paths.root.iterdir():
+        if entry.name != "heads":
+            (view / entry.name).symlink_to(entry.resolve())
+    for name, head_dir in heads.items():
+        (view / "heads" / name).symlink_to(head_dir.resolve())
+    cfg = BenchConfig(view, ("ar", *heads), args.bench_users, 1, device=args.device,
+                      data_dir=args.data_dir, constrained=not args.unconstrained)
+    result = run_reference_bench(cfg)
+    print("\n".join(format_table(result)), flush=True)
+    return result
 
 
 def summarize(runs: list[dict]) -> dict[str, dict]:
-    """Per variant: tau of every seed, mean, sample std, and the paired difference to eagle."""
-    by_variant: dict[str, dict[int, float]] = {}
+    """Per variant: tau of every seed, mean, sample std, the paired difference to eagle, and the
+    same for the speedup when the study timed its heads (``--bench-users``)."""
+    by_variant: dict[str, dict[int, dict]] = {}
     for r in runs:
-        by_variant.setdefault(r["variant"], {})[r["seed"]] = r["tau"]
+        by_variant.setdefault(r["variant"], {})[r["seed"]] = r
     eagle = by_variant.get("eagle", {})
     summary = {}
-    for variant, taus in by_variant.items():
-        vals = [taus[s] for s in sorted(taus)]
-        row = {
-            "seeds": sorted(taus),
-            "tau": vals,
-            "mean": statistics.mean(vals),
-            "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-        }
-        paired = [taus[s] / eagle[s] - 1 for s in sorted(taus) if s in eagle]
-        if variant != "eagle" and paired:
-            row["vs_eagle_same_seed"] = paired
-            row["vs_eagle_mean"] = statistics.mean(paired)
+    for variant, rows in by_variant.items():
+        seeds = sorted(rows)
+        row: dict = {"seeds": seeds}
+        for key in ("tau", "speedup"):
+            if not all(key in rows[s] for s in seeds):
+                continue
+            vals = [rows[s][key] for s in seeds]
+            prefix = "" if key == "tau" else "speedup_"
+            row[key] = vals
+            row[prefix + "mean"] = statistics.mean(vals)
+            row[prefix + "std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            paired = [rows[s][key] / eagle[s][key] - 1 for s in seeds
+                      if s in eagle and key in eagle[s]]
+            if variant != "eagle" and paired:
+                row[prefix + "vs_eagle_same_seed"] = paired
+                row[prefix + "vs_eagle_mean"] = statistics.mean(paired)
         summary[variant] = row
     return summary
 
@@ -164,7 +209,9 @@ def merge(args) -> None:
             else ""
         )
         taus = ", ".join(f"{t:.3f}" for t in row["tau"])
-        print(f"{variant:16s} tau {row['mean']:.4f} +- {row['std']:.4f}  ({taus}){extra}")
+        speed = (f"  speedup {row['speedup_mean']:.3f} +- {row['speedup_std']:.3f}"
+                 if "speedup_mean" in row else "")
+        print(f"{variant:16s} tau {row['mean']:.4f} +- {row['std']:.4f}  ({taus}){extra}{speed}")
     if args.plot:
         plot(out, Path(args.plot))
 
@@ -202,6 +249,68 @@ def plot(out: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def compare(args) -> None:
+    """Studies of one dataset on several token formats: per format and variant, tau's mean and
+    std over seeds and the paired gap to eagle; JSON and a grouped plot."""
+    parts = [json.loads(Path(p).read_text()) for p in args.compare]
+    out = {"dataset": parts[0]["dataset"], "preset": parts[0]["preset"],
+           "users": parts[0]["users"], "k": parts[0]["k"], "formats": {}}
+    for part in parts:
+        fmt = part.get("token_format", "per-level")
+        summary = summarize(part["runs"])
+        out["formats"][fmt] = {"summary": summary, "runs": part["runs"]}
+        for variant, row in summary.items():
+            gap = (f", vs eagle {100 * row['vs_eagle_mean']:+.2f}%"
+                   if "vs_eagle_mean" in row else "")
+            speed = (f"; speedup {row['speedup_mean']:.3f} +- {row['speedup_std']:.3f}"
+                     + (f", vs eagle {100 * row['speedup_vs_eagle_mean']:+.2f}%"
+                        if "speedup_vs_eagle_mean" in row else "")
+                     if "speedup_mean" in row else "")
+            print(f"{fmt:10s} {variant:16s} tau {row['mean']:.4f} +- {row['std']:.4f} "
+                  f"(n={len(row['tau'])}){gap}{speed}")
+    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    if args.plot:
+        plot_formats(out, Path(args.plot))
+
+
+def plot_formats(out: dict, path: Path) -> None:
+    """Grouped points: x = head variant, one colour per token format; mean +- std over seeds of
+    tau, and of the speedup in a second panel when the studies timed their heads."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    formats = list(out["formats"])
+    variants = list(dict.fromkeys(v for f in formats for v in out["formats"][f]["summary"]))
+    panels = [("tau", "", "tau (tokens per target forward)")]
+    if all("speedup" in row for f in formats for row in out["formats"][f]["summary"].values()):
+        panels.append(("speedup", "speedup_", "speedup over constrained ar (batch 1)"))
+    width = 0.8 / len(formats)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 3.8), squeeze=False)
+    for ax, (key, prefix, label) in zip(axes[0], panels):
+        for j, fmt in enumerate(formats):
+            summary = out["formats"][fmt]["summary"]
+            colour = f"C{j}"
+            for i, variant in enumerate(variants):
+                if variant not in summary:
+                    continue
+                row = summary[variant]
+                x = i - 0.4 + width * (j + 0.5)
+                ax.scatter([x] * len(row[key]), row[key], color=colour, alpha=0.5, s=14, zorder=3)
+                ax.errorbar([x], [row[prefix + "mean"]], yerr=[row[prefix + "std"]], fmt="o",
+                            color=colour, capsize=5, zorder=4, label=fmt if i == 0 else None)
+        ax.set_xticks(range(len(variants)), variants, rotation=20)
+        ax.set(ylabel=label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(title="token format")
+    fig.suptitle(f"{out['dataset']} ({out['preset']}): draft heads by token format, mean +- std "
+                 f"over seeds, {out['users']} users, K={out['k']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--artifacts")
@@ -229,13 +338,24 @@ def main() -> None:
         default=None,
         help="unrolled loss: step k weighs step_decay**(k-1) (default: HeadTrainConfig's)",
     )
+    ap.add_argument("--unconstrained", action="store_true",
+                    help="decode without the catalog constraint (the default decodes under it, "
+                    "as `padrec bench` does)")
+    ap.add_argument("--bench-users", type=int, default=0,
+                    help="after training, time plain decoding and every head side by side on "
+                    "this many users (batch 1, `padrec bench`'s method) for each head's speedup")
     ap.add_argument("--heads-out", default="runs/study-heads")
     ap.add_argument("--json", required=True)
     ap.add_argument("--merge", nargs="+", default=None, help="merge study JSON files into --json")
+    ap.add_argument("--compare", nargs="+", default=None,
+                    help="merged study JSON files of one dataset, one per token format")
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
     if args.merge:
         merge(args)
+        return
+    if args.compare:
+        compare(args)
         return
     unknown = [v for v in args.variants if v not in HEAD_VARIANTS]
     if unknown or not args.artifacts:
