@@ -92,8 +92,12 @@ def run_study(args) -> None:
             cfg = variant_config(variant, unroll, preset.head_steps, preset.head_batch_size, seed)
             if args.step_decay is not None:
                 cfg = replace(cfg, step_decay=args.step_decay)
-            tag = (f"-k{unroll}" if args.train_unroll else "") + (
-                f"-d{cfg.step_decay:g}" if args.step_decay is not None else ""
+            if args.topk_distill:
+                cfg = replace(cfg, topk_distill=args.topk_distill)
+            tag = (
+                (f"-k{unroll}" if args.train_unroll else "")
+                + (f"-d{cfg.step_decay:g}" if args.step_decay is not None else "")
+                + (f"-t{args.topk_distill}" if args.topk_distill else "")
             )
             head_dir = Path(args.heads_out) / f"{variant}{tag}-s{seed}"
             rep = train_head(target, catalog, data, cfg, head_dir, args.device)
@@ -114,10 +118,12 @@ def run_study(args) -> None:
             out["runs"].append(
                 {
                     "variant": variant + tag,
+                    "tag": tag,
                     "seed": seed,
                     "head": head_dir.name,
                     "train_unroll": unroll,
                     "step_decay": cfg.step_decay,
+                    "topk_distill": cfg.topk_distill,
                     "train_s": rep.seconds,
                     "final_loss": rep.final_loss,
                     "final_top1": rep.final_top1,
@@ -167,14 +173,16 @@ def bench_side_by_side(paths: ArtifactPaths, heads: dict[str, Path], args) -> di
 
 
 def summarize(runs: list[dict]) -> dict[str, dict]:
-    """Per variant: tau of every seed, mean, sample std, the paired difference to eagle, and the
-    same for the speedup when the study timed its heads (``--bench-users``)."""
+    """Per variant: tau of every seed, mean, sample std, the paired difference to the eagle head
+    of the same recipe (tag) and seed, and the same for the speedup when the study timed its
+    heads (``--bench-users``)."""
     by_variant: dict[str, dict[int, dict]] = {}
     for r in runs:
         by_variant.setdefault(r["variant"], {})[r["seed"]] = r
-    eagle = by_variant.get("eagle", {})
     summary = {}
     for variant, rows in by_variant.items():
+        tag = next(iter(rows.values())).get("tag", "")
+        eagle = by_variant.get("eagle" + tag, {})  # the eagle head of the same recipe
         seeds = sorted(rows)
         row: dict = {"seeds": seeds}
         for key in ("tau", "speedup"):
@@ -187,7 +195,7 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
             row[prefix + "std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
             paired = [rows[s][key] / eagle[s][key] - 1 for s in seeds
                       if s in eagle and key in eagle[s]]
-            if variant != "eagle" and paired:
+            if not variant.startswith("eagle") and paired:
                 row[prefix + "vs_eagle_same_seed"] = paired
                 row[prefix + "vs_eagle_mean"] = statistics.mean(paired)
         summary[variant] = row
@@ -344,6 +352,12 @@ def main() -> None:
     ap.add_argument("--bench-users", type=int, default=0,
                     help="after training, time plain decoding and every head side by side on "
                     "this many users (batch 1, `padrec bench`'s method) for each head's speedup")
+    ap.add_argument(
+        "--topk-distill",
+        type=int,
+        default=0,
+        help="add HASS-style distillation on the target's top-M tokens (train.heads); 0 = off",
+    )
     ap.add_argument("--heads-out", default="runs/study-heads")
     ap.add_argument("--json", required=True)
     ap.add_argument("--merge", nargs="+", default=None, help="merge study JSON files into --json")

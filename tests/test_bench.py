@@ -83,6 +83,36 @@ def test_step_decay_weights_the_unrolled_steps(tiny_artifacts):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_topk_distillation_adds_the_soft_cross_entropy_to_the_target(tiny_artifacts):
+    """topk = V: the added term is the cross-entropy from the target's full distribution at p+1
+    (``lm_head(f_{p+1})``) to the head's, averaged over the loss positions; topk = 1 weighs the
+    target's top token by its probability."""
+    paths = ArtifactPaths(tiny_artifacts)
+    target, head = load_target(paths.target), load_head(paths.head("padrec"))
+    torch.manual_seed(0)
+    v, h = target.config.vocab_size, target.config.hidden_size
+    ids = torch.randint(5, v, (2, 12))
+    feats = torch.randn(2, 12, h)
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[:, 4:10] = True
+    pad = torch.ones(2, 12, dtype=torch.long)
+    base, _ = unrolled_loss(head, target, ids, feats, mask, pad, 1, 1.0)
+    with_full, _ = unrolled_loss(head, target, ids, feats, mask, pad, 1, 1.0, topk=v,
+                                 topk_weight=0.5)
+    with torch.no_grad():
+        next_ids = torch.cat([ids[:, 1:], ids.new_zeros(2, 1)], 1)
+        pos = torch.arange(12)[None].expand(2, 12)
+        out = head(next_ids, feats, pos, step=1, embed=target.get_input_embeddings(),
+                   attention_mask=pad)
+        logits = target.lm_head(out)  # [2, 12, V]
+        t_prob = target.lm_head(torch.cat([feats[:, 1:], feats[:, -1:]], 1)).softmax(-1)
+        soft_ce = -(t_prob * logits.log_softmax(-1)).sum(-1)  # [2, 12]
+        want = soft_ce[mask].mean()
+    torch.testing.assert_close(with_full - base, 0.5 * want, rtol=1e-4, atol=1e-4)
+    top1, _ = unrolled_loss(head, target, ids, feats, mask, pad, 1, 1.0, topk=1)
+    assert float(top1 - base) > 0 and float(top1 - base) < float(want)
+
+
 SHAPE_KEYS = {"dataset", "engine", "device", "users", "num_draft_tokens", "batch_size",
               "constrained", "exclude_history", "forced_share_by_slot", "quality", "methods"}
 METHOD_KEYS = {"wall_s", "tokens_per_s", "latency_ms", "tau", "accept_by_pos", "accept_by_slot",

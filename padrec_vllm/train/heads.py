@@ -11,7 +11,10 @@ Step k >= 2 reads the head's own step-(k-1) features shifted by one position:
 sees k = 1..K and the head learns to recover from its own drift. Loss per step = cross-entropy
 against ``x_{p+2}`` (the target's greedy token) + ``feature_weight`` * smooth-L1 against
 ``f_{p+1}``, on completion positions only; the steps' losses are averaged with weights
-``step_decay**(k-1)`` (step 1, which every round starts with, weighs most). Within a step,
+``step_decay**(k-1)`` (step 1, which every round starts with, weighs most). With ``topk_distill``
+= M > 0 each step also pays ``topk_weight`` * the cross-entropy against the target's own
+distribution on its M most likely tokens (HASS's top-K distillation): the target's logits at p+1
+are ``lm_head(f_{p+1})``, so no extra data is stored. Within a step,
 attention runs over the step's own features (a HASS-style approximation of the decoding-time
 cache).
 """
@@ -49,6 +52,9 @@ class HeadTrainConfig:
     # step k's loss weighs step_decay**(k-1), weights normalised (1 = equal); 0.5 against equal
     # weights is compared in docs/RESULTS.md
     step_decay: float = 0.5
+    # HASS-style top-M distillation term (module docstring); 0 = greedy labels only
+    topk_distill: int = 0
+    topk_weight: float = 1.0
     use_item_emb: bool = True
     use_step_emb: bool = True
     use_gate: bool = True
@@ -136,9 +142,11 @@ def distill_batch(ds: DistillSet, idx: list[int], device: str):
 
 
 def unrolled_loss(head: DraftHead, target, ids, feats, loss_mask, pad_mask, num_steps: int,
-                  feature_weight: float, step_decay: float = 1.0) -> tuple[torch.Tensor, float]:
-    """Weighted mean over steps of CE(x_{p+2}) + w * smoothL1(f_{p+1}), step k weighing
-    ``step_decay**(k-1)`` (1.0: plain mean); returns (loss, step-1 accuracy)."""
+                  feature_weight: float, step_decay: float = 1.0, topk: int = 0,
+                  topk_weight: float = 1.0) -> tuple[torch.Tensor, float]:
+    """Weighted mean over steps of CE(x_{p+2}) + w * smoothL1(f_{p+1}) (+ ``topk_weight`` *
+    the top-``topk`` distillation term when ``topk`` > 0), step k weighing ``step_decay**(k-1)``
+    (1.0: plain mean); returns (loss, step-1 accuracy)."""
     b, t = ids.shape
     embed, lm_head = target.get_input_embeddings(), target.lm_head
     pos = torch.arange(t, device=ids.device)[None].expand(b, t)  # [B, T]
@@ -147,6 +155,11 @@ def unrolled_loss(head: DraftHead, target, ids, feats, loss_mask, pad_mask, num_
     feat_target = torch.cat([feats[:, 1:], feats[:, -1:]], 1)  # [B, T, H]: f_{p+1}
     inp = feats  # [B, T, H]
     mask = loss_mask.clone()  # [B, T]
+    if topk:
+        with torch.no_grad():
+            t_logp = lm_head(feat_target).float().log_softmax(-1)  # [B, T, V]: target at p+1
+            t_top, t_idx = t_logp.topk(min(topk, t_logp.shape[-1]), dim=-1)  # [B, T, M]
+            t_prob = t_top.exp()  # [B, T, M]
     total, acc = 0.0, 0.0
     for k in range(1, num_steps + 1):
         h = head(next_ids, inp, pos, step=k, embed=embed, attention_mask=pad_mask)  # [B, T, H]
@@ -155,7 +168,11 @@ def unrolled_loss(head: DraftHead, target, ids, feats, loss_mask, pad_mask, num_
         ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
         ce = ce.view(b, t)  # [B, T]
         reg = F.smooth_l1_loss(h.float(), feat_target, reduction="none").mean(-1)  # [B, T]
-        weighted = step_decay ** (k - 1) * ((ce + feature_weight * reg) * m).sum()
+        step_loss = ce + feature_weight * reg  # [B, T]
+        if topk:
+            logp = logits.float().log_softmax(-1).gather(-1, t_idx)  # [B, T, M]
+            step_loss = step_loss - topk_weight * (t_prob * logp).sum(-1)
+        weighted = step_decay ** (k - 1) * (step_loss * m).sum()
         total = total + weighted / m.sum().clamp(min=1)
         if k == 1:
             acc = float(((logits.argmax(-1) == labels).float() * m).sum() / m.sum().clamp(min=1))
@@ -195,7 +212,8 @@ def train_head(target, catalog: Catalog, data: DistillSet, cfg: HeadTrainConfig,
             g["lr"] = cfg.lr * warm * decay
         with autocast:
             loss, acc = unrolled_loss(head, target, *distill_batch(data, idx, device),
-                                      cfg.num_steps, cfg.feature_weight, cfg.step_decay)
+                                      cfg.num_steps, cfg.feature_weight, cfg.step_decay,
+                                      cfg.topk_distill, cfg.topk_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
