@@ -202,6 +202,20 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
     return summary
 
 
+def describe(variant: str, row: dict) -> str:
+    """One printed line of a ``summarize`` row: tau per seed, mean +- std, the paired gap to
+    eagle, and the same for the speedup when present."""
+    taus = ", ".join(f"{t:.3f}" for t in row["tau"])
+    line = f"{variant:16s} tau {row['mean']:.4f} +- {row['std']:.4f}  ({taus})"
+    if "vs_eagle_mean" in row:
+        line += f"  vs eagle (same seed) {100 * row['vs_eagle_mean']:+.2f}%"
+    if "speedup_mean" in row:
+        line += f"  speedup {row['speedup_mean']:.3f} +- {row['speedup_std']:.3f}"
+        if "speedup_vs_eagle_mean" in row:
+            line += f" ({100 * row['speedup_vs_eagle_mean']:+.2f}% vs eagle)"
+    return line
+
+
 def merge(args) -> None:
     parts = [json.loads(Path(p).read_text()) for p in args.merge]
     out = {k: v for k, v in parts[0].items() if k != "runs"}
@@ -211,15 +225,7 @@ def merge(args) -> None:
     out["summary"] = summarize(out["runs"])
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     for variant, row in out["summary"].items():
-        extra = (
-            f"  vs eagle (same seed) {100 * row['vs_eagle_mean']:+.2f}%"
-            if "vs_eagle_mean" in row
-            else ""
-        )
-        taus = ", ".join(f"{t:.3f}" for t in row["tau"])
-        speed = (f"  speedup {row['speedup_mean']:.3f} +- {row['speedup_std']:.3f}"
-                 if "speedup_mean" in row else "")
-        print(f"{variant:16s} tau {row['mean']:.4f} +- {row['std']:.4f}  ({taus}){extra}{speed}")
+        print(describe(variant, row))
     if args.plot:
         plot(out, Path(args.plot))
 
@@ -258,8 +264,9 @@ def plot(out: dict, path: Path) -> None:
 
 
 def compare(args) -> None:
-    """Studies of one dataset on several token formats: per format and variant, tau's mean and
-    std over seeds and the paired gap to eagle; JSON and a grouped plot."""
+    """Studies of one dataset on several token formats: per format and variant, ``summarize``'s
+    row (tau and, when timed, speedup: mean, std over seeds, paired gap to eagle); JSON and a
+    grouped plot."""
     parts = [json.loads(Path(p).read_text()) for p in args.compare]
     out = {"dataset": parts[0]["dataset"], "preset": parts[0]["preset"],
            "users": parts[0]["users"], "k": parts[0]["k"], "formats": {}}
@@ -268,14 +275,7 @@ def compare(args) -> None:
         summary = summarize(part["runs"])
         out["formats"][fmt] = {"summary": summary, "runs": part["runs"]}
         for variant, row in summary.items():
-            gap = (f", vs eagle {100 * row['vs_eagle_mean']:+.2f}%"
-                   if "vs_eagle_mean" in row else "")
-            speed = (f"; speedup {row['speedup_mean']:.3f} +- {row['speedup_std']:.3f}"
-                     + (f", vs eagle {100 * row['speedup_vs_eagle_mean']:+.2f}%"
-                        if "speedup_vs_eagle_mean" in row else "")
-                     if "speedup_mean" in row else "")
-            print(f"{fmt:10s} {variant:16s} tau {row['mean']:.4f} +- {row['std']:.4f} "
-                  f"(n={len(row['tau'])}){gap}{speed}")
+            print(f"{fmt:10s} {describe(variant, row)}")
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     if args.plot:
         plot_formats(out, Path(args.plot))
