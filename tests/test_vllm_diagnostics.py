@@ -37,6 +37,29 @@ def test_root_cause_is_the_innermost_exception_in_one_line():
     assert diagnostics.root_cause(KeyError()) == "KeyError"
 
 
+def test_the_tcmalloc_warning_is_dropped_only_while_jemalloc_is_preloaded(monkeypatch):
+    """vLLM's own logger and call: the record reaches a handler unless jemalloc is preloaded;
+    the same warning for libiomp and any other record always do."""
+    diagnostics.install()
+    diagnostics.install()  # idempotent: one filter
+    logger = logging.getLogger(diagnostics.CPU_WORKER_LOGGER)
+    assert sum(isinstance(f, diagnostics.AllocatorWarningFilter) for f in logger.filters) == 1
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        for preload in ("/usr/lib/libjemalloc.so.2:/venv/lib/libiomp5.so", "/venv/lib/libiomp5.so"):
+            monkeypatch.setenv("LD_PRELOAD", preload)
+            for name in ("libtcmalloc", "libiomp"):
+                logger.warning("%s is not found in LD_PRELOAD. For best performance ...", name)
+            logger.warning("something else")
+    finally:
+        logger.removeHandler(handler)
+    assert [m.split(" is")[0] for m in seen] == [
+        "libiomp", "something else", "libtcmalloc", "libiomp", "something else"]
+
+
 def test_a_watched_start_collects_what_vllm_loggers_log(monkeypatch):
     handler = diagnostics.RootCauseHandler()
     logger = logging.getLogger("vllm.test_diagnostics")

@@ -1,7 +1,7 @@
-"""What vLLM's processes say at start-up: the root cause of a failed start, and one known noise.
+"""What vLLM's processes say at start-up: the root cause of a failed start, and two known noises.
 
 ``install()`` runs in every vLLM process (``register``, the plugin entry point, which vLLM calls
-in the engine core and worker processes too). It adds two things, each narrow:
+in the engine core and worker processes too). It adds three things, each narrow:
 
 **Root cause of a failed start.** vLLM's engine core runs in a child process. When it cannot
 start it logs the exception there (``EngineCore failed to start.``, with the traceback) and
@@ -27,6 +27,11 @@ whose exception is an ``AssertionError`` raised in torch's fake-tensor code
 with the fake mode unset (``unset_fake_temporarily``); only when that succeeds is the event
 dropped. Every other unraisable exception, that ``__del__`` failing any other way, or a release
 that fails again, goes to the previous hook unchanged.
+
+**The allocator warning.** vLLM's CPU worker warns ``libtcmalloc is not found in LD_PRELOAD`` at
+every start when another allocator is preloaded. The project preloads jemalloc by default
+(``padrec_vllm.cpu_runtime``), so a filter on that worker's logger drops exactly that record
+while ``LD_PRELOAD`` holds ``libjemalloc``; without any allocator preloaded the warning stays.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from collections.abc import Callable, Iterator
 ERROR_FILE_ENV = "PADREC_VLLM_ERROR_FILE"
 NOISY_DEL = ("vllm._custom_ops", "CPUDNNLGEMMHandler.__del__")
 FAKE_TENSOR_CODE = f"torch{os.sep}_subclasses{os.sep}"
+CPU_WORKER_LOGGER = "vllm.v1.worker.cpu_worker"
+MISSING_PRELOAD = "%s is not found in LD_PRELOAD"
 
 def install() -> None:
     """The root-cause handler on the ``vllm`` logger and the unraisable-hook filter, each added
@@ -51,6 +58,19 @@ def install() -> None:
         logger.addHandler(RootCauseHandler())
     if getattr(sys.unraisablehook, "padrec_wrapped", None) is None:
         sys.unraisablehook = quiet_unraisable(sys.unraisablehook)
+    worker_logger = logging.getLogger(CPU_WORKER_LOGGER)
+    if not any(isinstance(f, AllocatorWarningFilter) for f in worker_logger.filters):
+        worker_logger.addFilter(AllocatorWarningFilter())
+
+
+class AllocatorWarningFilter(logging.Filter):
+    """Drops vLLM's ``libtcmalloc is not found in LD_PRELOAD`` while jemalloc is preloaded
+    (module docstring); every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(MISSING_PRELOAD)
+                    and record.args == ("libtcmalloc",)
+                    and "libjemalloc" in os.environ.get("LD_PRELOAD", ""))
 
 
 # --------------------------------------------------------------------------- root cause
