@@ -120,10 +120,15 @@ def phases(workload, vllm_artifacts, spec) -> dict[str, Phase]:
             for n in range(1, k + 3):
                 await phase(f"at once {n}", prompts[:n])
             await phase("at once 8", prompts)
-            stagger = out["at once 1"].wall_s / 4
-            await phase("staggered", prompts, stagger_s=stagger)
+            # staggered: arrivals T/8 apart, T one request's time alone on the warm engine, free
+            # or constrained as the phase: the first drafts while 3 or fewer are in flight and
+            # goes plain once more join, with room for timing off by 2x either way ("at once 1",
+            # the first phase, includes warm-up and is no clock)
+            await phase("free alone", prompts[:1])
+            await phase("staggered", prompts, stagger_s=out["free alone"].wall_s / 8)
             await phase("constrained alone", prompts[:1], spec)
-            await phase("constrained staggered", prompts, spec, stagger_s=stagger)
+            await phase("constrained staggered", prompts, spec,
+                        stagger_s=out["constrained alone"].wall_s / 8)
             # switched on the running engine (schedule_switch): the form, vLLM's JSON,
             # then off and K=1 at every batch size, then back
             await engine.set_schedule(SpecSchedule.parse(f"[[1, 1, {k}], [2, 64, 0]]"))
