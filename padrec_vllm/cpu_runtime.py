@@ -13,7 +13,7 @@ Settings (environment):
 - ``PADREC_CPU_PRELOAD``: ``auto`` (default) does the above; ``off`` leaves the environment alone.
 - ``PADREC_CPU_ALLOCATOR``: ``jemalloc`` (default) or ``tcmalloc``, the allocator preloaded.
   Under steady load the resident memory of vLLM's processes keeps creeping up with tcmalloc and
-  levels off with jemalloc, at the same speed (docs/DEPLOY.md, "Memory under steady load").
+  levels off with jemalloc, no slower side by side (docs/DEPLOY.md, "Memory under steady load").
 - ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` (oneDNN's own variable): set to ``ONEDNN_CACHE_CAPACITY``
   when unset, so that the GEMM primitives vLLM's CPU layers create for every new batch shape
   stop accumulating at that many (docs/DEPLOY.md).
@@ -40,8 +40,8 @@ ONEDNN_CACHE_CAPACITY = 256  # oneDNN's own default is 1024
 # Marks a process that was re-executed here, so that a failed preload never loops.
 _REEXEC_MARK = "_PADREC_CPU_PRELOADED"
 _LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu",
-                  "/usr/lib/aarch64-linux-gnu", "/lib/aarch64-linux-gnu",
-                  "/usr/lib64", "/usr/lib", "/usr/local/lib")
+                 "/usr/lib/aarch64-linux-gnu", "/lib/aarch64-linux-gnu",
+                 "/usr/lib64", "/usr/lib", "/usr/local/lib")
 
 
 def vllm_is_cpu_build() -> bool:
