@@ -65,3 +65,24 @@ def test_eval_command_takes_the_constraint_flags(tiny_artifacts, synth_data_dir,
     assert excl["target"]["invalid_item_rate"] == 0.0 and excl["target"]["duplicate_rate"] == 0.0
     assert main([*args, "--unconstrained", "--exclude-history"]) == 2
     assert "--exclude-history needs the constraint" in capsys.readouterr().err
+
+
+def test_training_precision_follows_the_device(monkeypatch):
+    """bfloat16 autocast on CUDA and on CPUs with native bf16 only; the override wins on CPU."""
+    import torch
+
+    from padrec_vllm.train import precision
+
+    monkeypatch.delenv(precision.OVERRIDE_ENV, raising=False)
+    assert precision.use_bf16("cuda") and precision.use_bf16("cuda:1")
+    for native in (True, False):
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda native=native: native)
+        assert precision.use_bf16("cpu") is native
+    a = torch.randn(4, 8)
+    for value, dtype in (("1", torch.bfloat16), ("0", torch.float32)):
+        monkeypatch.setenv(precision.OVERRIDE_ENV, value)
+        with precision.autocast("cpu"):
+            assert (a @ a.T).dtype == dtype
+    monkeypatch.setenv(precision.OVERRIDE_ENV, "1")
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert precision.use_bf16("cpu")  # the override beats the probe

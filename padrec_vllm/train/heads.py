@@ -37,6 +37,7 @@ from padrec_vllm.decoding import generate
 from padrec_vllm.model.config import HEAD_VARIANTS, HeadConfig
 from padrec_vllm.model.head import DraftHead
 from padrec_vllm.model.head_checkpoint import save_head
+from padrec_vllm.train.precision import autocast
 
 
 @dataclass(frozen=True)
@@ -194,8 +195,6 @@ def train_head(target, catalog: Catalog, data: DistillSet, cfg: HeadTrainConfig,
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
     rng = random.Random(cfg.seed)
     order: list[int] = []
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     t0 = time.perf_counter()
     loss_ema, acc_ema = float("nan"), float("nan")
     bar = tqdm(range(cfg.train_steps), desc=f"train {cfg.name} head", unit="step",
@@ -210,7 +209,7 @@ def train_head(target, catalog: Catalog, data: DistillSet, cfg: HeadTrainConfig,
         decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.train_steps)))
         for g in opt.param_groups:
             g["lr"] = cfg.lr * warm * decay
-        with autocast:
+        with autocast(device):
             loss, acc = unrolled_loss(head, target, *distill_batch(data, idx, device),
                                       cfg.num_steps, cfg.feature_weight, cfg.step_decay,
                                       cfg.topk_distill, cfg.topk_weight)

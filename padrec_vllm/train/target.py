@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from padrec_vllm.train.precision import autocast
 from padrec_vllm.train.examples import Example, collate, length_bucketed_batches
 from padrec_vllm.presets import TargetPreset
 
@@ -88,9 +89,6 @@ def train_target(
     stream = _batches(examples, preset, preset.seed)
     for _ in range(start):  # replay the data order so a resumed run sees the same batches
         next(stream)
-    autocast = torch.autocast(
-        device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16
-    )
     t0 = time.perf_counter() - elapsed
     loss_ema = float("nan")
     bar = tqdm(
@@ -108,7 +106,7 @@ def train_target(
         batch = {k: v.to(device) for k, v in collate(next(stream)).items()}
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, preset)
-        with autocast:
+        with autocast(device):
             loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
