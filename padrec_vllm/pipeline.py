@@ -11,7 +11,7 @@ import shutil
 import time
 
 import torch
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from padrec_vllm.artifacts import ArtifactPaths
@@ -76,6 +76,7 @@ def run_train_target(
     if (paths.target / "config.json").exists():
         log(f"target exists in {paths.target}, skipping training")
         return None
+    preset = replace(preset, max_steps=preset.steps_for(dataset.name))
     catalog = Catalog.load(paths.root)
     split = leave_one_out(dataset.sequences)
     examples = list_examples(

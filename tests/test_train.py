@@ -86,3 +86,23 @@ def test_training_precision_follows_the_device(monkeypatch):
     monkeypatch.setenv(precision.OVERRIDE_ENV, "1")
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     assert precision.use_bf16("cpu")  # the override beats the probe
+
+
+def test_target_steps_follow_the_dataset(tiny_artifacts, synth_data_dir, tmp_path):
+    """``steps_by_dataset`` sets the target's steps for the named dataset only."""
+    import shutil
+    from dataclasses import replace
+
+    from padrec_vllm.data.s3rec import load_dataset
+    from padrec_vllm.pipeline import run_train_target
+    from padrec_vllm.presets import get_preset
+    from tests.synthetic import NAME
+
+    demo = get_preset("demo")
+    assert demo.steps_for("Yelp") > demo.max_steps == demo.steps_for("Beauty")
+    preset = replace(get_preset("tiny"), steps_by_dataset=((NAME, 7), ("Other", 500)))
+    out = tmp_path / "a"
+    shutil.copytree(tiny_artifacts, out, ignore=shutil.ignore_patterns("target", "heads"))
+    paths = ArtifactPaths(out)
+    report = run_train_target(load_dataset(NAME, synth_data_dir), paths, preset, "cpu")
+    assert report["steps"] == 7
