@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     for part, share in shares.items():
         print(f"{100 * share:5.1f}%  {part}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"samples": total, "shares": shares}, indent=2) + "\n")
+        record = {"samples": total, "shares": shares}
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
 
