@@ -22,9 +22,26 @@ def test_int8_linear_is_close_to_float():
     want = lin(x)
     got = Int8Linear(lin)(x)
     assert got.shape == want.shape == (3, 5, 48)
-    # weights and activations each rounded to 1/254 of their largest magnitude: about 1% of the
-    # output's norm for Gaussian inputs (max/rms ~ 3), so 2% allows for both
+    # weights and activations each rounded to 1/254 of their largest magnitude (weights to 1/126
+    # without VNNI, int8_linear's docstring): about 1% of the output's norm for Gaussian inputs
+    # (max/rms ~ 3), so 2% allows for both
     assert (got - want).norm() / want.norm() < 0.02
+
+
+def test_int8_weights_take_7_bits_without_vnni(monkeypatch):
+    """fbgemm saturates pairs of full-range products without AVX-512 VNNI: 7-bit weights there,
+    8-bit with VNNI."""
+    from padrec_vllm.model import int8_linear
+
+    for flags, reduce in (("fpu avx2 fma", True), ("fpu avx512f avx512_vnni", False)):
+        monkeypatch.setattr(int8_linear.Path, "read_text", lambda self, f=flags: f)
+        int8_linear.fbgemm_needs_reduce_range.cache_clear()
+        try:
+            layer = Int8Linear(nn.Linear(8, 4))
+        finally:
+            int8_linear.fbgemm_needs_reduce_range.cache_clear()
+        assert layer.reduce_range is reduce
+        assert f"{7 if reduce else 8}-bit weights" in repr(layer)
 
 
 @pytest.mark.parametrize("kind", ["eagle", "padrec"])
@@ -45,8 +62,10 @@ def test_int8_decoding_head_tracks_the_float_head(target, kind):
         hidden = q(ids, feats, pos, step=1, embed=embed, cache=q.new_cache(2, 16))
         got = q.logits(hidden, target.lm_head)
     # nine int8 linears (the fold, the layer's seven, lm_head), each about 1% off (test above),
-    # up to five of them in sequence: 5% on the logits
-    assert (got - want).norm() / want.norm() < 0.05
+    # up to five of them in sequence: 5% on the logits; 8% with 7-bit weights (twice the weight
+    # rounding of 8 bits; 6.3% seen on an AVX2 CPU)
+    bound = 0.08 if q.lm_head.reduce_range else 0.05
+    assert (got - want).norm() / want.norm() < bound
     # a random head has near-ties among its top tokens, which 5% noise may swap
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.85
 
