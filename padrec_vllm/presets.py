@@ -77,7 +77,7 @@ PRESETS: dict[str, TargetPreset] = {
             lr=3e-3,
             max_steps=1500,
             # Yelp's 225k training lists: 1,500 steps (0.4 epochs) left the target below
-            # most-popular (docs/RESULTS.md, "Target quality")
+            # most-popular (docs/RESULTS.md, "Quality under the constraint")
             steps_by_dataset=(("Yelp", 4500),),
             warmup_steps=100,
             eval_users=2000,
