@@ -195,6 +195,7 @@ def train_head(target, catalog: Catalog, data: DistillSet, cfg: HeadTrainConfig,
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
     rng = random.Random(cfg.seed)
     order: list[int] = []
+    amp = autocast(device)  # chosen once, reused every step
     t0 = time.perf_counter()
     loss_ema, acc_ema = float("nan"), float("nan")
     bar = tqdm(range(cfg.train_steps), desc=f"train {cfg.name} head", unit="step",
@@ -209,7 +210,7 @@ def train_head(target, catalog: Catalog, data: DistillSet, cfg: HeadTrainConfig,
         decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.train_steps)))
         for g in opt.param_groups:
             g["lr"] = cfg.lr * warm * decay
-        with autocast(device):
+        with amp:
             loss, acc = unrolled_loss(head, target, *distill_batch(data, idx, device),
                                       cfg.num_steps, cfg.feature_weight, cfg.step_decay,
                                       cfg.topk_distill, cfg.topk_weight)

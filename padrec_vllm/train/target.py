@@ -89,6 +89,7 @@ def train_target(
     stream = _batches(examples, preset, preset.seed)
     for _ in range(start):  # replay the data order so a resumed run sees the same batches
         next(stream)
+    amp = autocast(device)  # chosen once, reused every step
     t0 = time.perf_counter() - elapsed
     loss_ema = float("nan")
     bar = tqdm(
@@ -106,7 +107,7 @@ def train_target(
         batch = {k: v.to(device) for k, v in collate(next(stream)).items()}
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, preset)
-        with autocast(device):
+        with amp:
             loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
